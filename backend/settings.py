@@ -1,0 +1,102 @@
+"""Every setting of the product, read from the environment once, in this one place.
+
+Each field documents its environment variable; README.md lists them all. Code takes a `Settings`
+(usually `get_settings()`) instead of reading os.environ itself, so tests can build their own.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Mapping
+
+DEFAULT_MODEL_ID = "damo/cv_resnet101_image-multiple-human-parsing"
+DEFAULT_MODEL_REVISION = "v1.0.1"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- model / engine ---
+    model: str = DEFAULT_MODEL_ID            # M2FP_MODEL: ModelScope model id or local model folder
+    model_revision: str = DEFAULT_MODEL_REVISION  # M2FP_MODEL_REVISION: hub revision (pinned)
+    model_cache_dir: str = os.path.expanduser("~/.cache/m2fp")  # M2FP_CACHE_DIR: where hub downloads live
+    device: str = "auto"                     # M2FP_DEVICE: auto | cpu | cuda | cuda:N
+    threads: int = 0                         # M2FP_THREADS: torch intra-op threads, 0 = torch default
+    # --- Label Studio ---
+    label_studio_url: str = ""               # LABEL_STUDIO_URL: base URL used to resolve /data/... image URLs
+    label_studio_api_key: str = ""           # LABEL_STUDIO_API_KEY: legacy token or personal access token
+    # --- image fetching ---
+    image_connect_timeout: float = 5.0       # IMAGE_CONNECT_TIMEOUT (s)
+    image_read_timeout: float = 30.0         # IMAGE_READ_TIMEOUT (s)
+    image_max_bytes: int = 50 * 1024 * 1024  # IMAGE_MAX_BYTES
+    image_max_pixels: int = 80_000_000       # IMAGE_MAX_PIXELS: refuses decompression bombs
+    local_files_root: str = ""               # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/ from disk when set
+    # --- cache ---
+    redis_url: str = ""                      # REDIS_URL: empty = no cache
+    cache_ttl: int = 30 * 24 * 3600          # CACHE_TTL_SECONDS: 0 = never expire
+    redis_timeout: float = 0.5               # REDIS_TIMEOUT (s): a slow Redis never stalls predictions
+    # --- Label Studio results ---
+    score_threshold: float = 0.3             # SCORE_THRESHOLD: default minimum region score
+    polygon_detail: float = 1.0              # POLYGON_DETAIL: default simplification detail (higher = more vertices)
+    min_region_pixels: int = 16              # MIN_REGION_PIXELS: connected components smaller than this are dropped
+    # --- serving ---
+    log_level: str = "INFO"                  # LOG_LEVEL
+    max_upload_bytes: int = 20 * 1024 * 1024  # MAX_UPLOAD_BYTES: demo page / HTTP API uploads
+    # --- batch ---
+    rq_queue: str = "m2fp"                   # RQ_QUEUE: queue the batch CLI and workers share
+
+
+_ENV_NAMES = {
+    "model": "M2FP_MODEL",
+    "model_revision": "M2FP_MODEL_REVISION",
+    "model_cache_dir": "M2FP_CACHE_DIR",
+    "device": "M2FP_DEVICE",
+    "threads": "M2FP_THREADS",
+    "label_studio_url": "LABEL_STUDIO_URL",
+    "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+    "image_connect_timeout": "IMAGE_CONNECT_TIMEOUT",
+    "image_read_timeout": "IMAGE_READ_TIMEOUT",
+    "image_max_bytes": "IMAGE_MAX_BYTES",
+    "image_max_pixels": "IMAGE_MAX_PIXELS",
+    "local_files_root": "LOCAL_FILES_DOCUMENT_ROOT",
+    "redis_url": "REDIS_URL",
+    "cache_ttl": "CACHE_TTL_SECONDS",
+    "redis_timeout": "REDIS_TIMEOUT",
+    "score_threshold": "SCORE_THRESHOLD",
+    "polygon_detail": "POLYGON_DETAIL",
+    "min_region_pixels": "MIN_REGION_PIXELS",
+    "log_level": "LOG_LEVEL",
+    "max_upload_bytes": "MAX_UPLOAD_BYTES",
+    "rq_queue": "RQ_QUEUE",
+}
+
+
+def env_name(field_name: str) -> str:
+    return _ENV_NAMES[field_name]
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from an environment mapping; a malformed value is a clear error naming the variable."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        name = _ENV_NAMES[f.name]
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        kind = type(f.default)
+        try:
+            values[f.name] = _bool(raw) if kind is bool else kind(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
+    return Settings(**values)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return settings_from_env()
