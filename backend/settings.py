@@ -39,6 +39,7 @@ class Settings:
     redis_url: str = ""                      # REDIS_URL: empty = no cache
     cache_ttl: int = 30 * 24 * 3600          # CACHE_TTL_SECONDS: 0 = never expire
     redis_timeout: float = 0.5               # REDIS_TIMEOUT (s): a slow Redis never stalls predictions
+    redis_retry_seconds: float = 30.0        # REDIS_RETRY_SECONDS: after a Redis failure, serve without it this long
     # --- Label Studio results ---
     score_threshold: float = 0.3             # SCORE_THRESHOLD: default minimum region score
     polygon_detail: float = 1.0              # POLYGON_DETAIL: default simplification detail (higher = more vertices)
@@ -46,8 +47,13 @@ class Settings:
     # --- serving ---
     log_level: str = "INFO"                  # LOG_LEVEL
     max_upload_bytes: int = 20 * 1024 * 1024  # MAX_UPLOAD_BYTES: demo page / HTTP API uploads
+    gunicorn_workers: int = 1                # GUNICORN_WORKERS: processes (each loads the model once)
+    gunicorn_threads: int = 4                # GUNICORN_THREADS: request threads per process
+    gunicorn_timeout: int = 600              # GUNICORN_TIMEOUT (s): a request (or a worker's model load) taking longer is killed
     # --- batch ---
     rq_queue: str = "m2fp"                   # RQ_QUEUE: queue the batch CLI and workers share
+    batch_job_timeout: int = 600             # BATCH_JOB_TIMEOUT (s): one batch job (image/task) at most
+    batch_retries: int = 2                   # BATCH_RETRIES: re-runs of a job whose worker failed or died
 
 
 _ENV_NAMES = {
@@ -66,12 +72,18 @@ _ENV_NAMES = {
     "redis_url": "REDIS_URL",
     "cache_ttl": "CACHE_TTL_SECONDS",
     "redis_timeout": "REDIS_TIMEOUT",
+    "redis_retry_seconds": "REDIS_RETRY_SECONDS",
     "score_threshold": "SCORE_THRESHOLD",
     "polygon_detail": "POLYGON_DETAIL",
     "min_region_pixels": "MIN_REGION_PIXELS",
     "log_level": "LOG_LEVEL",
     "max_upload_bytes": "MAX_UPLOAD_BYTES",
+    "gunicorn_workers": "GUNICORN_WORKERS",
+    "gunicorn_threads": "GUNICORN_THREADS",
+    "gunicorn_timeout": "GUNICORN_TIMEOUT",
     "rq_queue": "RQ_QUEUE",
+    "batch_job_timeout": "BATCH_JOB_TIMEOUT",
+    "batch_retries": "BATCH_RETRIES",
 }
 
 
