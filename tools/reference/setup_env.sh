@@ -33,6 +33,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && smoke_test >/dev/null 2
   echo "reference env ready: $venv"; exit 0
 fi
 mkdir -p "$wheels" "$(dirname "$venv")"
+# A venv left behind by an earlier checkout (a dangling link, or one whose python no longer runs) is rebuilt.
+if [ -L "$venv" ] && [ ! -e "$venv" ]; then rm -f "$venv"; fi
+if [ -e "$venv" ] && ! "$venv/bin/python" -c "" 2>/dev/null; then rm -rf "$venv"; fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 # Nothing below may replace the CPU torch wheel with a CUDA build.
