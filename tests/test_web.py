@@ -7,11 +7,8 @@ Uploads of the same bytes after the first are cache hits: the module runs two in
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import threading
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -20,12 +17,12 @@ from flask import Flask, request
 from flask.testing import FlaskClient
 from label_studio_ml.api import log_request_info, log_response_info
 from PIL import Image
-from werkzeug.serving import make_server
 
 from backend.images import decode_image
 from backend.predict import Predictor
 from backend.settings import Settings
 from backend.web import register_web
+from tools.screenshot_demo import serve
 
 # Redis databases of the session's redis-server used here (see tests/fixtures/redis_server.py).
 WEB_DB = 6
@@ -46,20 +43,6 @@ def build_app(parser, settings: Settings) -> Flask:
     predictor = Predictor(parser, settings)
     register_web(app, lambda: predictor, settings)
     return app
-
-
-@contextlib.contextmanager
-def serving(app: Flask) -> Iterator[str]:
-    """Serve `app` over real HTTP on a free port of 127.0.0.1; yields the base URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +225,7 @@ def test_real_http_limits_leave_label_studio_routes_alone(parser, photo: bytes, 
     def echo_size() -> dict:  # stands in for label-studio-ml's /predict on the same app
         return {"size": len(request.get_data())}
 
-    with serving(app) as base:
+    with serve(app) as base:
         big = bytes(settings.max_upload_bytes + 1)
         response = requests.post(f"{base}/api/overlay", data=big, timeout=60)
         assert response.status_code == 413 and response.json()["error"] == "upload_too_large"
