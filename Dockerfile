@@ -50,7 +50,7 @@ VOLUME ["/models"]
 USER app
 EXPOSE 9090
 
-# start-period covers the first start's weight download (~250 MB) and the model load.
+# start-period covers the first start's weight download (several hundred MB) and the model load.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=8)"]
 

@@ -1,6 +1,6 @@
 """The Label Studio ML backend model: a thin LabelStudioMLBase (label-studio-ml 1.0.9) over backend.predict.
 
-label-studio-ml builds a model object per request; the parser (weights, ~250 MB) is loaded once per process
+label-studio-ml builds a model object per request; the parser (63M parameters) is loaded once per process
 by `get_predictor()`, the one process-wide singleton, and shared by every model object and request thread.
 
 What `predict` returns, per task and in task order (Label Studio matches results to tasks by position):
