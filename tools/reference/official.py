@@ -72,6 +72,8 @@ def run_official_cached(model_dir: Path, images: list[Path], threads: int = 2) -
     h = hashlib.sha256()
     h.update(model_digest(model_dir).encode())
     h.update(hashlib.sha256(HARNESS.read_bytes()).digest())
+    # The reference env's recipe (package versions) is part of what produced the outputs.
+    h.update(hashlib.sha256((HERE / "setup_env.sh").read_bytes()).digest())
     for img in images:
         h.update(file_digest(img).encode())
     out = cache_root() / "reference" / f"{h.hexdigest()[:24]}.npz"
