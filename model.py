@@ -29,13 +29,9 @@ _predictor_lock = threading.Lock()
 
 def load_predictor(settings: Settings) -> Predictor:
     """Load the parser named by the settings and wrap it in a Predictor (cache + image fetcher)."""
-    from backend.engine import HumanParser
-
-    parser = HumanParser.from_pretrained(
-        settings.model, revision=settings.model_revision, device=settings.device,
-        threads=settings.threads or None, cache_dir=settings.model_cache_dir)
-    logger.info("model %s loaded (cache: %s)", parser.version, "redis" if settings.redis_url else "off")
-    return Predictor(parser, settings)
+    predictor = Predictor.from_settings(settings)
+    logger.info("model %s loaded (cache: %s)", predictor.model_version, "redis" if settings.redis_url else "off")
+    return predictor
 
 
 def get_predictor() -> Predictor:

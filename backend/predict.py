@@ -68,6 +68,16 @@ class Predictor:
         self._failures: Counter[str] = Counter()
         self._last_failures: list[TaskFailure] = []
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Predictor":
+        """Load the parser the settings name (model, revision, device, threads, cache dir) and wrap it."""
+        from backend.engine import HumanParser
+
+        parser = HumanParser.from_pretrained(
+            settings.model, revision=settings.model_revision, device=settings.device,
+            threads=settings.threads or None, cache_dir=settings.model_cache_dir)
+        return cls(parser, settings)
+
     @property
     def model_version(self) -> str:
         return str(self.parser.version)

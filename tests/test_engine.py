@@ -21,6 +21,7 @@ from backend.engine.config import parse_config
 from backend.engine.postprocess import parse_outputs
 from backend.engine.preprocess import load_rgb, prepare, resized_shape
 from tests.fixtures.model import make_sample_image
+from tests.fixtures.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +49,6 @@ def _small_raw(model_dir: Path) -> dict:
     raw["model"]["decoder"]["dec_layers"] = 3
     raw["model"]["decoder"]["num_queries"] = 20
     return raw
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_parsing(parsing: Parsing, classes: tuple[str, ...], width: int, height: int) -> None:
@@ -366,7 +361,7 @@ def test_unreachable_hub_fails_fast_and_says_what_to_do(tmp_path: Path, monkeypa
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        port = silent.getsockname()[1] if endpoint == "silent" else _free_port()
+        port = silent.getsockname()[1] if endpoint == "silent" else free_port()
         monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{port}")
         start = time.monotonic()
         with pytest.raises(ModelNotAvailableError) as err:
@@ -394,7 +389,7 @@ def test_default_hub_unreachable_here_is_a_fast_clear_error(tmp_path: Path, monk
 
 def test_cached_hub_id_loads_without_network(tmp_path: Path, model_dir: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{_free_port()}")   # any network use fails
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{free_port()}")   # any network use fails
     folder = tmp_path / "damo" / "cv_resnet101_image-multiple-human-parsing" / "v1.0.1"
     _folder_with(folder, _raw_config(model_dir), model_dir / "pytorch_model.pt")
     parser = HumanParser.from_pretrained("damo/cv_resnet101_image-multiple-human-parsing", revision="v1.0.1",

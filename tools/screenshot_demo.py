@@ -34,7 +34,7 @@ CHROMIUM_FLAGS = (
 
 
 @contextlib.contextmanager
-def headless_chromium(width: int = 1400, height: int = 1000) -> Iterator["object"]:
+def headless_chromium(width: int = 1400, height: int = 1000, extra_flags: tuple[str, ...] = ()) -> Iterator["object"]:
     """A Selenium driver for Debian's chromium + chromedriver, with a fresh profile removed afterwards."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -42,7 +42,7 @@ def headless_chromium(width: int = 1400, height: int = 1000) -> Iterator["object
     profile = tempfile.mkdtemp(prefix="m2fp-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
+    for flag in (*CHROMIUM_FLAGS, *extra_flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     options.add_argument(f"--window-size={width},{height}")

@@ -26,9 +26,8 @@ from PIL import Image  # noqa: E402
 
 from backend.visualise import PALETTE  # noqa: E402
 from tests.fixtures import label_studio as lsfix  # noqa: E402
+from tools.screenshot_demo import headless_chromium  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 MAX_BYTES = 300_000
 
 
@@ -44,20 +43,6 @@ def label_config(score_threshold: float) -> str:
 </View>"""
 
 
-def _browser(width: int, height: int, profile: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                 "--hide-scrollbars"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-
-
 def capture(url: str, username: str, password: str, project_id: int, task_id: int, out: Path,
             width: int = 1440, height: int = 900, timeout: float = 180.0) -> None:
     """Log in, open the task in the labeling view, wait for the regions, save a compact PNG."""
@@ -65,25 +50,21 @@ def capture(url: str, username: str, password: str, project_id: int, task_id: in
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        driver = _browser(width, height, Path(profile))
-        try:
-            driver.set_page_load_timeout(timeout)
-            driver.set_window_size(width, height)  # old headless mode counts the window frame in --window-size
-            wait = WebDriverWait(driver, timeout)
-            driver.get(f"{url}/user/login/")
-            wait.until(ec.presence_of_element_located((By.NAME, "email"))).send_keys(username)
-            driver.find_element(By.NAME, "password").send_keys(password)
-            driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
-            wait.until(lambda d: "/user/login" not in d.current_url)
-            driver.get(f"{url}/projects/{project_id}/data?task={task_id}")
-            # The editor draws the image and regions on Konva canvases; the region list names the labels.
-            wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "canvas")))
-            wait.until(lambda d: d.execute_script("return document.querySelectorAll('canvas').length >= 2"))
-            time.sleep(10)  # image decode + Konva's first full draw of every region
-            png = driver.get_screenshot_as_png()
-        finally:
-            driver.quit()
+    with headless_chromium(width, height, extra_flags=("--hide-scrollbars",)) as driver:
+        driver.set_page_load_timeout(timeout)
+        driver.set_window_size(width, height)  # old headless mode counts the window frame in --window-size
+        wait = WebDriverWait(driver, timeout)
+        driver.get(f"{url}/user/login/")
+        wait.until(ec.presence_of_element_located((By.NAME, "email"))).send_keys(username)
+        driver.find_element(By.NAME, "password").send_keys(password)
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+        wait.until(lambda d: "/user/login" not in d.current_url)
+        driver.get(f"{url}/projects/{project_id}/data?task={task_id}")
+        # The editor draws the image and regions on Konva canvases; the region list names the labels.
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "canvas")))
+        wait.until(lambda d: d.execute_script("return document.querySelectorAll('canvas').length >= 2"))
+        time.sleep(10)  # image decode + Konva's first full draw of every region
+        png = driver.get_screenshot_as_png()
     save_compact(png, out)
 
 

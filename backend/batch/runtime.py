@@ -64,15 +64,11 @@ def controls_for(label_config: str, settings: Settings) -> list:
 
 
 def load_runtime(settings: Settings) -> Runtime:
-    from backend.engine import HumanParser
     from backend.predict import Predictor
 
     log.info("loading model %s", settings.model)
-    parser = HumanParser.from_pretrained(
-        settings.model, revision=settings.model_revision, device=settings.device,
-        threads=settings.threads or None, cache_dir=settings.model_cache_dir,
-    )
-    return Runtime(settings=settings, parser=parser, predictor=Predictor(parser, settings))
+    predictor = Predictor.from_settings(settings)
+    return Runtime(settings=settings, parser=predictor.parser, predictor=predictor)
 
 
 # The loaded model is the one piece of process-wide state: a worker loads it before its first job.
