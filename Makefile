@@ -29,7 +29,7 @@ ls-venv:
 
 # The official modelscope pipeline, the reference for parity and speed (mmcv-full compiled once, cached).
 ref-env:
-	@bash tools/reference/setup_env.sh
+	@bash testing/reference/setup_env.sh
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
@@ -38,7 +38,7 @@ serve: venv
 	$(VENV)/bin/python _wsgi.py --host 0.0.0.0 --port 9090
 
 bench: setup
-	$(VENV)/bin/python benchmarks/run_all.py
+	$(VENV)/bin/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache

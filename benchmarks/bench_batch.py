@@ -1,10 +1,10 @@
 """Batch throughput: images/hour of RQ workers (1 x 1, 1 worker x 2 threads, 2 workers x 1 thread) and the CLI's
 overhead over the bare engine, on the same images, in one run. Writes docs/benchmarks/batch.md (+ batch.json).
 
-    .venv/bin/python benchmarks/bench_batch.py [--images 8] [--rounds 2] [--size 640x480]
+    .venv/bin/python -m benchmarks.bench_batch [--images 8] [--rounds 2] [--size 640x480]
 
 Every configuration runs in its own processes (model loaded once per process, as in production) on the
-random-weight model in the hub's format (tools/make_random_model.py), with the parsing cache OFF so every image
+random-weight model in the hub's format (testing/random_model.py), with the parsing cache OFF so every image
 is really parsed. Rates exclude model loading (reported separately): they are what a long batch sustains.
 - bare engine: a loop of HumanParser(image path) with 1 thread, nothing else;
 - CLI local: `m2fp-prelabel folder` in one process with 1 thread (read, parse, polygons, validation, JSON);
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 QUEUE = "m2fp-bench"
 CONFIG = """<View>
@@ -61,7 +60,7 @@ def env_for(model_dir: Path, threads: int) -> dict[str, str]:
 
 
 def run_bare(images_dir: Path, model_dir: Path, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--bare", str(images_dir), "--model", str(model_dir),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_batch", "--bare", str(images_dir), "--model", str(model_dir),
                            "--threads", str(threads)], cwd=ROOT, env=env_for(model_dir, threads),
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -197,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(bare_loop(args.bare, args.model, args.threads)))
         return 0
 
-    from tests.fixtures.redis_server import RedisServer
-    from tools.make_random_model import cached_model, make_sample_image
+    from testing.redis_server import RedisServer
+    from testing.random_model import cached_model, make_sample_image
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     model_dir = cached_model("shaped")

@@ -13,10 +13,10 @@ compare like with like. Measured:
   - opt-in modes of the engine (HumanParser.from_pretrained options), each with its time and its mask IoU /
     score difference against the default on the same image.
 
-The official pipeline needs the reference venv (tools/reference/setup_env.sh). Model: the cached 'shaped'
-random-weight folder of tools/make_random_model.py (full size, varied output).
+The official pipeline needs the reference venv (testing/reference/setup_env.sh). Model: the cached 'shaped'
+random-weight folder of testing/random_model.py (full size, varied output).
 
-    .venv/bin/python benchmarks/bench_engine.py [--repeat 5] [--warmup 1] [--threads 2] [--quick]
+    .venv/bin/python -m benchmarks.bench_engine [--repeat 5] [--warmup 1] [--threads 2] [--quick]
 Writes docs/benchmarks/engine.md (+ engine.json with the raw figures); see benchmarks/run_all.py.
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 OUT_MD = ROOT / "docs" / "benchmarks" / "engine.md"
 OUT_JSON = ROOT / "docs" / "benchmarks" / "engine.json"
@@ -59,7 +58,7 @@ def worker_native(args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from backend.engine import HumanParser
-    from tools.reference.compare import dump_npz, from_parsing
+    from testing.reference.compare import dump_npz, from_parsing
 
     opts = json.loads(args.opts or "{}")
     t0 = time.perf_counter()
@@ -172,7 +171,7 @@ def worker_profile(args: argparse.Namespace) -> dict:
 
 def spawn_native(model: Path, image: Path, a: argparse.Namespace, opts: dict | None = None,
                  dump: Path | None = None, mode: str = "native") -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--model", str(model), "--image", str(image),
+    cmd = [sys.executable, "-m", "benchmarks.bench_engine", "--worker", mode, "--model", str(model), "--image", str(image),
            "--threads", str(a.threads), "--warmup", str(a.warmup), "--repeat", str(a.repeat),
            "--opts", json.dumps(opts or {})]
     if dump:
@@ -187,8 +186,8 @@ def spawn_native(model: Path, image: Path, a: argparse.Namespace, opts: dict | N
 
 
 def run_official_timed(model: Path, image: Path, a: argparse.Namespace, env: dict) -> dict:
-    from tools.reference.compare import load_meta
-    from tools.reference.official import run_official
+    from testing.reference.compare import load_meta
+    from testing.reference.official import run_official
 
     with tempfile.TemporaryDirectory() as tmp:
         load0 = os.getloadavg()[0]
@@ -236,7 +235,7 @@ def med(r: dict) -> float:
 def write_report(res: dict, a: argparse.Namespace) -> str:
     gb = 1000**3
     lines = ["## Engine: native M2FP vs the official modelscope pipeline", "",
-             f"Model: random-weight full-size M2FP folder (`tools/make_random_model.py`, shaped variant, "
+             f"Model: random-weight full-size M2FP folder (`testing/random_model.py`, shaped variant, "
              f"63.1M parameters), synthetic images. {a.threads} threads, median of {a.repeat} runs after "
              f"{a.warmup} warm-up run(s), each engine x image x allocator in its own process, all in one run "
              f"({res['started']}). Time = one call on a decoded RGB image, output masks at full size.", "",
@@ -323,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.warmup, a.repeat = 1, 2
 
-    from tools.make_random_model import cached_model, make_sample_image
-    from tools.reference.compare import compare_image, load_npz
+    from testing.random_model import cached_model, make_sample_image
+    from testing.reference.compare import compare_image, load_npz
 
     model = a.model or cached_model("shaped")
     res: dict = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),

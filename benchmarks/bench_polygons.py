@@ -6,7 +6,7 @@ most pre-labelers do - cv2 contours on pixel centres, fixed-eps Douglas-Peucker,
 Fidelity = IoU between the mask and the rasterised polygons read back from the percent points
 (pixel in <=> its centre is inside, Label Studio's frame: the image spans [0, W]).
 
-Run standalone: .venv/bin/python benchmarks/bench_polygons.py   (writes docs/benchmarks/polygons.md)
+Run standalone: .venv/bin/python -m benchmarks.bench_polygons   (writes docs/benchmarks/polygons.md)
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from backend import geometry  # noqa: E402
+from backend import geometry
 
 FRAME_W, FRAME_H = 1920, 1080
 NAIVE_EPS = 2.0

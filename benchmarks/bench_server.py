@@ -13,7 +13,7 @@ served backend (python _wsgi.py, its own process) with a real redis-server, the 
   seen (parsing from the cache, polygons rebuilt).
 Goals (issue 3): hit p50 <= 50 ms per task; miss overhead over the bare engine <= 10%.
 
-Run standalone: .venv/bin/python benchmarks/bench_server.py [--repeats 5] [--hits 30] [--threads 2]
+Run standalone: .venv/bin/python -m benchmarks.bench_server [--repeats 5] [--hits 30] [--threads 2]
 (writes docs/benchmarks/server.md)
 """
 from __future__ import annotations
@@ -33,11 +33,10 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.backend_server import start_backend  # noqa: E402
-from tests.fixtures.redis_server import RedisServer  # noqa: E402
-from tools.make_random_model import cached_model, make_sample_image  # noqa: E402
+from testing.backend_server import start_backend
+from testing.redis_server import RedisServer
+from testing.random_model import cached_model, make_sample_image
 
 WIDTH, HEIGHT = 1920, 1080
 CLASSES = ["Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat", "Socks", "Pants", "Torso-skin",

@@ -15,7 +15,7 @@ Convention for benchmark scripts (follow it when adding one):
 run_all runs each script in its own process (order: SECTION_ORDER, then any other bench_*.py by name) and
 concatenates the sections under a header with the machine's description.
 
-    .venv/bin/python benchmarks/run_all.py [--only engine,polygons] [--no-run]
+    .venv/bin/python -m benchmarks.run_all [--only engine,polygons] [--no-run]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def run_one(name: str) -> tuple[bool, str]:
     t0 = time.perf_counter()
     print(f"== bench_{name}.py", flush=True)
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, timeout=TIMEOUT_S)
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script.stem}"], cwd=ROOT, timeout=TIMEOUT_S)
         ok = proc.returncode == 0
         note = f"exit {proc.returncode}"
     except subprocess.TimeoutExpired:

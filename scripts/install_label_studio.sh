@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real Label Studio for the end-to-end tests (tests/fixtures/label_studio.py), in its OWN venv under the cache:
+# A real Label Studio for the end-to-end tests (testing/label_studio.py), in its OWN venv under the cache:
 # it pins Django and its own label-studio-sdk/redis/rq, which must not constrain the backend's venv.
 # Idempotent: a marker written after a complete install makes later runs return at once; an interrupted
 # install (no marker) is redone from scratch.

@@ -15,8 +15,8 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.batch import jobs, project
-from tests.fixtures.label_studio import create_project, import_tasks, import_uploads
-from tests.test_batch_workers import WorkerProcess, base_env, db_url
+from testing.label_studio import create_project, import_tasks, import_uploads
+from testing.workers import WorkerProcess, base_env, db_url
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE = "m2fp-test"

@@ -11,9 +11,9 @@ from PIL import Image
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tools.screenshot_demo import headless_chromium, upload_and_wait
+from testing.browser import headless_chromium, upload_and_wait
 
-BROWSER_DB = 7  # this module's Redis database (see tests/fixtures/redis_server.py)
+BROWSER_DB = 7  # this module's Redis database (see testing/redis_server.py)
 MAX_UPLOAD = 3_000_000
 
 

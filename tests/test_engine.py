@@ -20,8 +20,8 @@ from backend.engine import (ConfigError, HumanParser, InvalidImageError, ModelLo
 from backend.engine.config import parse_config
 from backend.engine.postprocess import parse_outputs
 from backend.engine.preprocess import load_rgb, prepare, resized_shape
-from tests.fixtures.model import make_sample_image
-from tests.fixtures.redis_server import free_port
+from testing.random_model import make_sample_image
+from testing.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

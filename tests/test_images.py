@@ -18,7 +18,7 @@ from PIL import Image
 from backend.images import (ImageAuthError, ImageDecodeError, ImageFetcher, ImageFetchError, ImageNotFound,
                             ImageTooLarge, decode_image)
 from backend.settings import Settings
-from tests.fixtures.redis_server import free_port
+from testing.ports import free_port
 
 
 def png_bytes(width: int = 40, height: int = 30, mode: str = "RGB", color=(200, 30, 10)) -> bytes:
@@ -305,7 +305,7 @@ def test_decode_refuses_pixel_bombs_before_decoding():
 
 def test_personal_access_token_with_a_real_label_studio(label_studio, sample_images):
     """LS 1.23: a PAT is a JWT refresh token; uploads are readable with the access token it is exchanged for."""
-    from tests.fixtures.label_studio import create_project, import_uploads
+    from testing.label_studio import create_project, import_uploads
 
     ls = label_studio
     project = create_project(ls, '<View><Image name="image" value="$image"/><PolygonLabels name="p" '

@@ -14,7 +14,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from tests.fixtures.label_studio import (LabelStudioServer, connect_ml_backend, create_project,
+from testing.label_studio import (LabelStudioServer, connect_ml_backend, create_project,
                                          import_local_files, import_tasks, import_uploads,
                                          predictions_of, retrieve_predictions)
 

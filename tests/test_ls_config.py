@@ -10,7 +10,7 @@ from backend.settings import Settings
 def model_classes() -> list[str]:
     """The class list a loaded parser reports, from the hub's configuration.json kept in the repo."""
     from backend.engine.config import parse_config
-    from tools.make_random_model import default_config_path
+    from testing.random_model import default_config_path
 
     return list(parse_config(json.loads(default_config_path().read_text())).classes)
 

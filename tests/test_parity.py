@@ -1,7 +1,7 @@
 """Parity: the native engine returns what the OFFICIAL modelscope pipeline returns, on the same folder and images.
 
-The official pipeline runs in its own venv (tools/reference/setup_env.sh, built by `make setup`) through
-tools/reference/run_official.py in a subprocess; its outputs are cached per (model folder, images, harness)
+The official pipeline runs in its own venv (testing/reference/setup_env.sh, built by `make setup`) through
+testing/reference/run_official.py in a subprocess; its outputs are cached per (model folder, images, harness)
 under $M2FP_CACHE/reference/, so only the first run pays for it. Bar (issue 2): same labels and instance
 count; scores within 1e-3; mask IoU >= 0.995 (>= 0.95 under 0.5% of the image).
 """
@@ -13,8 +13,8 @@ import pytest
 import numpy as np
 from PIL import Image
 
-from tools.reference.compare import ImageResult, compare_image, from_parsing, load_npz
-from tools.reference.official import run_official_cached
+from testing.reference.compare import ImageResult, compare_image, from_parsing, load_npz
+from testing.reference.official import run_official_cached
 
 
 @pytest.fixture(scope="module")

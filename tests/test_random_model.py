@@ -1,4 +1,4 @@
-"""tools/make_random_model.py: the hub's exact folder format, full size, and outputs that prove something."""
+"""testing/random_model.py: the hub's exact folder format, full size, and outputs that prove something."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tools.make_random_model import CONFIG_FILE, WEIGHTS_FILE, default_config_path, model_key
+from testing.random_model import CONFIG_FILE, WEIGHTS_FILE, default_config_path, model_key
 
 FULL_SIZE_PARAMS = 63_124_118   # the hub architecture (facts file); running stats are buffers, not counted
 

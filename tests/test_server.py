@@ -19,7 +19,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-REDIS_DB = 2  # this module flushes it; see tests/fixtures/redis_server.py
+REDIS_DB = 2  # this module flushes it; see testing/redis_server.py
 CLASSES = ["Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat", "Socks", "Pants", "Torso-skin",
            "Scarf", "Skirt", "Face", "Left-arm", "Right-arm", "Left-leg", "Right-leg", "Left-shoe", "Right-shoe"]
 

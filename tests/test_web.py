@@ -22,9 +22,9 @@ from backend.images import decode_image
 from backend.predict import Predictor
 from backend.settings import Settings
 from backend.web import register_web
-from tools.screenshot_demo import serve
+from testing.browser import serve
 
-# Redis databases of the session's redis-server used here (see tests/fixtures/redis_server.py).
+# Redis databases of the session's redis-server used here (see testing/redis_server.py).
 WEB_DB = 6
 
 

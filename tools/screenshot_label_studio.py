@@ -1,8 +1,8 @@
 """Makes docs/img/prelabels.png: a Label Studio task with the backend's pre-labels drawn, for the README.
 
-    .venv/bin/python tools/screenshot_label_studio.py                    # starts LS + backend, random-weight model
-    .venv/bin/python tools/screenshot_label_studio.py --model /path/to/real/model --image photo.jpg
-    .venv/bin/python tools/screenshot_label_studio.py --ls-url http://127.0.0.1:8080 --token T \\
+    .venv/bin/python -m tools.screenshot_label_studio                    # starts LS + backend, random-weight model
+    .venv/bin/python -m tools.screenshot_label_studio --model /path/to/real/model --image photo.jpg
+    .venv/bin/python -m tools.screenshot_label_studio --ls-url http://127.0.0.1:8080 --token T \\
         --username me@x.org --password P --backend-url http://127.0.0.1:9090          # reuse running servers
 
 What a user does, scripted: create a project (PolygonLabels, one label per CIHP part, coloured with the
@@ -19,14 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
+from backend.visualise import PALETTE
+from testing import label_studio as lsfix
+from testing.browser import headless_chromium
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from PIL import Image  # noqa: E402
-
-from backend.visualise import PALETTE  # noqa: E402
-from tests.fixtures import label_studio as lsfix  # noqa: E402
-from tools.screenshot_demo import headless_chromium  # noqa: E402
 
 MAX_BYTES = 300_000
 
@@ -115,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.backend_url:
                 backend_url = args.backend_url.rstrip("/")
             else:
-                from tests.fixtures.backend_server import start_backend
-                from tools.make_random_model import cached_model
+                from testing.backend_server import start_backend
+                from testing.random_model import cached_model
 
                 model = args.model or str(cached_model("shaped"))
                 print(f"starting the backend with {model} ...", flush=True)
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             image = args.image
             if image is None:
-                from tools.make_random_model import make_sample_image
+                from testing.random_model import make_sample_image
 
                 image = tmp / "person.jpg"
                 make_sample_image(960, 640, seed=1).save(image, quality=92)

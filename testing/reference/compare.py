@@ -6,7 +6,7 @@ even between two runs of the official pipeline under fp32 re-ordering). Instance
 best IoU (greedy, highest first): the pipeline's order is topk(sorted=False) order, which means nothing.
 
 Works on plain data (numpy only), so it runs in the product venv:
-    python tools/reference/compare.py official.npz native.npz
+    python testing/reference/compare.py official.npz native.npz
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the environment of the OFFICIAL modelscope M2FP pipeline, used only as the parity/speed reference.
 # It lives apart from the product's venv on purpose: mmcv-full must be compiled, and torchvision's PyPI wheel
-# is a CUDA build that only imports after a workaround kept inside the harness (tools/reference/run_official.py).
+# is a CUDA build that only imports after a workaround kept inside the harness (testing/reference/run_official.py).
 #
 # Idempotent: a stamp (hash of this script) in the venv says it is complete; a rerun then costs one import.
 # The compiled mmcv-full wheel is kept in $M2FP_CACHE/wheels so a rebuilt venv skips the ~8 min compile.

@@ -27,7 +27,7 @@ The 'plain' variant keeps the default init except for a near-zero class head (al
 so every score is < 0.06 < 0.1): its output is empty for any image, the "nobody in the picture" case.
 
 The tool needs only the product's venv (torch + backend.engine). CLI:
-    python tools/make_random_model.py OUT_DIR [--variant shaped|plain] [--seed 0] [--config PATH]
+    python -m testing.random_model OUT_DIR [--variant shaped|plain] [--seed 0] [--config PATH]
 """
 from __future__ import annotations
 
@@ -48,12 +48,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIG = Path(os.environ.get("M2FP_RANDOM_CONFIG", "/work/shared/m2fp/configuration.json"))
 # A copy kept in the repo so a fresh clone (CI) does not depend on the shared folder.
-REPO_CONFIG = ROOT / "tools" / "reference" / "configuration.json"
+REPO_CONFIG = ROOT / "testing" / "reference" / "configuration.json"
 WEIGHTS_FILE = "pytorch_model.pt"
 CONFIG_FILE = "configuration.json"
 VARIANTS = ("shaped", "plain")

@@ -1,12 +1,12 @@
 """Run the OFFICIAL modelscope M2FP pipeline on a model folder and images; dump its outputs and timings.
 
-Runs ONLY in the reference venv (tools/reference/setup_env.sh): modelscope 1.40.2, mmcv-full built from
+Runs ONLY in the reference venv (testing/reference/setup_env.sh): modelscope 1.40.2, mmcv-full built from
 source, torchvision's PyPI wheel. Nothing of this file is imported by the product.
 
-    ref-venv/bin/python tools/reference/run_official.py --model DIR --out result.npz IMG [IMG ...]
+    ref-venv/bin/python testing/reference/run_official.py --model DIR --out result.npz IMG [IMG ...]
         [--threads 2] [--warmup 0] [--repeat 1]
 
-Output (.npz, numpy only, read by tools/reference/compare.py in the product venv):
+Output (.npz, numpy only, read by testing/reference/compare.py in the product venv):
     meta        JSON string: {"images": [{"path", "width", "height", "labels", "scores", "times_s",
                 "error"}], "peak_rss_bytes", "load_s", "threads", "malloc_env", "versions"}
     masks_<i>   np.packbits of the bool masks of image i, shape (n, height, width) flattened

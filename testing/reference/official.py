@@ -1,7 +1,7 @@
 """Product-venv side of the reference harness: find the reference venv, run run_official.py in it, cache results.
 
 The official pipeline never runs in the product's process (it needs mmcv, torchvision and modelscope's model
-code): it runs as a subprocess of the reference venv built by tools/reference/setup_env.sh.
+code): it runs as a subprocess of the reference venv built by testing/reference/setup_env.sh.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ HARNESS = HERE / "run_official.py"
 
 
 class ReferenceEnvMissing(RuntimeError):
-    """The reference venv is not built: `make ref-env` (tools/reference/setup_env.sh) builds it."""
+    """The reference venv is not built: `make ref-env` (testing/reference/setup_env.sh) builds it."""
 
 
 def cache_root() -> Path:
@@ -28,7 +28,7 @@ def ref_python() -> Path:
     py = venv / "bin" / "python"
     if not py.exists():
         raise ReferenceEnvMissing(f"no reference venv at {venv}: run `make ref-env` "
-                                  "(bash tools/reference/setup_env.sh) first")
+                                  "(bash testing/reference/setup_env.sh) first")
     return py
 
 
