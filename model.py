@@ -1,7 +1,8 @@
-"""The Label Studio ML backend model: a thin LabelStudioMLBase (label-studio-ml 1.0.9) over backend.predict.
+"""THE model class: a LabelStudioMLBase whose labeling-config-driven `predict` every entry point calls.
 
-label-studio-ml builds a model object per request; the parser (63M parameters) is loaded once per process
-by `get_predictor()`, the one process-wide singleton, and shared by every model object and request thread.
+The server's /predict, folder mode, project mode and the RQ workers build an `M2FPModel(label_config)` (cheap:
+the parser is loaded once per process by backend.runtime) and call `predict` / `predict_outcomes`, which go down
+the one path of backend/predict.py.
 
 What `predict` returns, per task and in task order (Label Studio matches results to tasks by position):
 - a prediction dict `{"result": [...], "score": s, "model_version": v}`, validated against the labeling
@@ -12,54 +13,53 @@ What `predict` returns, per task and in task order (Label Studio matches results
 """
 from __future__ import annotations
 
-import logging
-import threading
-from typing import Any
+import multiprocessing
+from typing import Any, Mapping, Sequence
 
-from label_studio_ml.model import LabelStudioMLBase
-
-from backend.predict import LabelConfigError, Predictor
-from backend.settings import Settings, get_settings
-
-logger = logging.getLogger(__name__)
-
-_predictor: Predictor | None = None
-_predictor_lock = threading.Lock()
+from backend.predict import TaskOutcome
+from backend.runtime import Runtime, get_runtime
 
 
-def load_predictor(settings: Settings) -> Predictor:
-    """Load the parser named by the settings and wrap it in a Predictor (cache + image fetcher)."""
-    predictor = Predictor.from_settings(settings)
-    logger.info("model %s loaded (cache: %s)", predictor.model_version, "redis" if settings.redis_url else "off")
-    return predictor
+def _import_base() -> type:
+    # label-studio-ml 1.0.9 sets the process-wide multiprocessing start method to "spawn" when imported (for
+    # its training jobs, which we never run); put back whatever this process had so importing the base class
+    # changes nothing else (RQ, gunicorn and the tests start processes too).
+    before = multiprocessing.get_start_method(allow_none=True)
+    from label_studio_ml.model import LabelStudioMLBase
+
+    if multiprocessing.get_start_method(allow_none=True) != before:
+        multiprocessing.set_start_method(before, force=True)
+    return LabelStudioMLBase
 
 
-def get_predictor() -> Predictor:
-    """The process's Predictor, loaded on first use (the only global state of the backend)."""
-    global _predictor
-    if _predictor is None:
-        with _predictor_lock:
-            if _predictor is None:
-                _predictor = load_predictor(get_settings())
-    return _predictor
+LabelStudioMLBase = _import_base()
 
 
 class M2FPModel(LabelStudioMLBase):
     """Pre-labels every person's parts as PolygonLabels / BrushLabels regions, as the labeling config asks."""
 
-    def __init__(self, label_config: str | None = None, train_output: dict | None = None, **kwargs: Any) -> None:
+    def __init__(self, label_config: str | None = None, train_output: dict | None = None, *,
+                 runtime: Runtime | None = None, **kwargs: Any) -> None:
+        self.runtime = runtime or get_runtime()
+        # Checked before the base class parses the config itself: malformed XML becomes a LabelConfigError that
+        # says what is wrong, not a bare exception from label-studio-tools.
+        self.plan = self.runtime.predictor.plan(label_config or "")
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
-        self.predictor = get_predictor()
         # What /setup answers and every prediction carries: Label Studio stores duplicates when they differ.
-        self.model_version = self.predictor.model_version
+        self.model_version = self.runtime.version
 
-    def predict(self, tasks: list[dict], **kwargs: Any) -> list[dict | list]:
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict | list]:
         """One entry per task: a prediction dict, or [] when the task's image could not be used."""
-        label_config = kwargs.get("label_config") or self.label_config
-        if not label_config:
-            raise LabelConfigError("no labeling config: call /setup first or send label_config with /predict")
-        predictions = self.predictor.predict_tasks(tasks, label_config)
-        return [p if p is not None else [] for p in predictions]
+        return [o.prediction if o.prediction is not None else [] for o in self.predict_outcomes(tasks, context)]
+
+    def predict_outcomes(self, tasks: Sequence[Mapping], context: dict | None = None, *,
+                         images: Sequence[Mapping[str, bytes]] | None = None, keep_parsings: bool = False,
+                         ls_url: str = "") -> list[TaskOutcome]:
+        """`predict` with the reasons: one TaskOutcome per task. `images` (data key -> bytes, per task) when the
+        caller already has them (folder mode); `ls_url` resolves Label Studio URLs when this process has no
+        LABEL_STUDIO_URL of its own (workers following the CLI)."""
+        return self.runtime.predictor.predict_tasks(tasks, self.plan, images=images, keep_parsings=keep_parsings,
+                                                    fetcher=self.runtime.fetcher_for(ls_url))
 
     def fit(self, *args: Any, **kwargs: Any) -> dict:
         """Pre-labeling only: annotations never change the model."""

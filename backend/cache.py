@@ -13,15 +13,16 @@
 - Redis down or slow (every call bounded by REDIS_TIMEOUT): the parsing is computed anyway, one warning is
   logged per outage, Redis is left alone for REDIS_RETRY_SECONDS and used again once it answers.
 - Concurrent requests for one uncached image compute it once: threads of a process share one in-flight
-  computation; processes (gunicorn workers, RQ workers) take a Redis lock (SET NX PX) and the others poll for
-  the value for a bounded time before computing themselves.
+  computation; processes (gunicorn workers, RQ workers) take redis-py's `Lock` and the others poll for the
+  value. The lock is tied to its holder's life: a short timeout (LOCK_TIMEOUT_S) that a thread of the holder
+  extends while the parse runs, so a holder that dies (SIGKILL, OOM) frees the image within seconds and the
+  job's redo parses at once instead of waiting out a long TTL.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import secrets
 import struct
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import redis
+import redis.lock
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -44,11 +46,7 @@ _HEADER_LEN = struct.Struct("<I")
 _KEY_PREFIX = "m2fp:parsing"
 _RESULTS_PREFIX = "m2fp:results"
 
-# Compare-and-delete: a lock is released only by the holder that set it (it may have expired and been
-# taken by another process meanwhile).
-_RELEASE_LOCK = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
-"""
+LOCK_TIMEOUT_S = 6.0   # a dead holder's lock is gone this long after its last renewal
 
 
 class CacheFormatError(ValueError):
@@ -172,12 +170,12 @@ class _Flight:
 class ParsingCache:
     """get_or_compute(image bytes, compute) -> (Parsing, served_without_inference)."""
 
-    def __init__(self, settings: Settings, fingerprint: str, *, lock_ttl: float = 120.0,
-                 wait_timeout: float = 60.0, poll_interval: float = 0.05) -> None:
+    def __init__(self, settings: Settings, fingerprint: str, *, lock_timeout: float = LOCK_TIMEOUT_S,
+                 wait_timeout: float = 600.0, poll_interval: float = 0.05) -> None:
         self.fingerprint = fingerprint
         self.ttl = int(settings.cache_ttl)
         self.retry_interval = float(settings.redis_retry_seconds)
-        self.lock_ttl_ms = int(lock_ttl * 1000)
+        self.lock_timeout = lock_timeout
         self.wait_timeout = wait_timeout
         self.poll_interval = poll_interval
         self._url = settings.redis_url
@@ -247,8 +245,9 @@ class ParsingCache:
     def results_key(self, digest: str, variant: str) -> str:
         return f"{_RESULTS_PREFIX}:{FORMAT_VERSION}:{self.fingerprint}:{digest}:{variant}"
 
-    def get_results(self, digest: str, variant: str) -> dict | None:
-        """A prediction stored by `put_results` for these image bytes and this variant, or None."""
+    def get_results(self, digest: str, variant: str) -> object | None:
+        """The JSON value stored by `put_results` for these image bytes and this variant, or None. The caller
+        validates it: whatever sits in Redis is read back, not trusted."""
         data = self._redis_call(lambda c: c.get(self.results_key(digest, variant)))
         if data:
             try:
@@ -256,18 +255,18 @@ class ParsingCache:
             except (zlib.error, ValueError) as exc:
                 logger.warning("ignoring unreadable cached results: %s", exc)
                 value = None
-            if isinstance(value, dict):
+            if value is not None:
                 self._count(results_hits=1)
                 return value
         self._count(results_misses=1)
         return None
 
-    def put_results(self, digest: str, variant: str, prediction: dict) -> None:
+    def put_results(self, digest: str, variant: str, value: object) -> None:
         if not self.enabled or not self._usable():
             return
-        value = zlib.compress(json.dumps(prediction, separators=(",", ":")).encode(), 1)
+        data = zlib.compress(json.dumps(value, separators=(",", ":")).encode(), 1)
         key = self.results_key(digest, variant)
-        self._redis_call(lambda c: c.set(key, value, ex=self.ttl if self.ttl > 0 else None))
+        self._redis_call(lambda c: c.set(key, data, ex=self.ttl if self.ttl > 0 else None))
 
     # ----- internals -----
 
@@ -275,28 +274,29 @@ class ParsingCache:
         cached = self._load(key)
         if cached is not None:
             return cached, True
-        token = secrets.token_hex(8)
-        lock_key = key + ":lock"
-        locked = self._try_lock(lock_key, token)
-        if locked is False:
+        lock = self._try_lock(key + ":lock")
+        if lock is False:
             # Another process is computing this image: wait for its value rather than duplicate the work.
-            cached = self._wait_for(key, lock_key)
+            cached = self._wait_for(key, key + ":lock")
             if cached is not None:
                 return cached, True
-            locked = self._try_lock(lock_key, token)
+            lock = self._try_lock(key + ":lock")
+        renewal = _Renewal(lock, self.lock_timeout) if isinstance(lock, redis.lock.Lock) else None
         try:
             parsing = self._compute(compute)
             self._store(key, parsing)
             return parsing, False
         finally:
-            if locked:
-                self._redis_call(lambda c: c.eval(_RELEASE_LOCK, 1, lock_key, token))
+            if renewal is not None:
+                renewal.stop()
+                self._redis_call(lambda c: _release(lock))
 
-    def _try_lock(self, lock_key: str, token: str) -> bool | None:
-        """True: we hold the lock; False: another process does; None: no Redis to lock with."""
-        # SET NX answers nil (None) when the key exists; map it so None keeps meaning "Redis unavailable".
-        result = self._redis_call(lambda c: bool(c.set(lock_key, token, nx=True, px=self.lock_ttl_ms)))
-        return result if isinstance(result, bool) else None
+    def _try_lock(self, lock_key: str) -> "redis.lock.Lock | bool | None":
+        """A held Lock; False: another process holds it; None: no Redis to lock with."""
+        def take(client: redis.Redis) -> "redis.lock.Lock | bool":
+            lock = client.lock(lock_key, timeout=self.lock_timeout, thread_local=False)
+            return lock if lock.acquire(blocking=False) else False
+        return self._redis_call(take)
 
     def _compute(self, compute: Callable[[], Parsing]) -> Parsing:
         self._count(computed=1, misses=1)
@@ -311,7 +311,8 @@ class ParsingCache:
                 return cached
             holder = self._redis_call(lambda c: c.exists(lock_key))
             if not holder:
-                # The holder finished without storing (it failed) or Redis went away: stop waiting.
+                # The holder finished without storing (it failed), died (its lock was not renewed), or
+                # Redis went away: stop waiting.
                 return self._load(key)
         logger.warning("waited %.0f s for another worker to parse %s; parsing it here", self.wait_timeout, key)
         return None
@@ -378,6 +379,39 @@ class ParsingCache:
             self._stats.redis_available = True
         if recovered:
             logger.warning("Redis cache at %s is back", _redacted(self._url))
+
+
+class _Renewal:
+    """Extends a held lock every third of its timeout while the parse runs: the lock lives exactly as long
+    as its holder does (plus at most one timeout)."""
+
+    def __init__(self, lock: "redis.lock.Lock", timeout: float) -> None:
+        self._lock = lock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(timeout / 3,), name="cache-lock-renewal",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self._lock.reacquire()
+            except (redis.RedisError, redis.exceptions.LockError) as exc:
+                # Lost (Redis restarted, or a stall longer than the timeout): another process may parse the
+                # same image too; the result is the same, only the work is done twice.
+                logger.debug("cache lock renewal stopped: %s", exc)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _release(lock: "redis.lock.Lock") -> None:
+    try:
+        lock.release()
+    except redis.exceptions.LockError:
+        pass  # expired meanwhile (see _Renewal): nothing of ours left to release
 
 
 def _redacted(url: str) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend.errors import InputError
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,10 @@ _CHUNK = 256 * 1024
 _TOKEN_MARGIN_S = 30.0
 
 
-class ImageError(Exception):
+class ImageError(InputError):
     """An image could not be obtained or decoded; `reason` is a short stable tag for metrics and logs."""
 
-    reason = "error"
+    reason = "fetch"
 
 
 class ImageNotFound(ImageError):

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from backend.errors import InputError
 from backend.settings import Settings
 
 # The hub model's classes (configuration.json of damo/cv_resnet101_image-multiple-human-parsing):
@@ -41,8 +42,10 @@ ATTR_MIN_PIXELS = "model_min_pixels"
 _HUMAN_ALIASES = ("human", "person")
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(InputError, ValueError):
     """The labeling config cannot be served by this backend (the message says why and what to add)."""
+
+    reason = "bad_config"
 
 
 def normalise(name: str) -> str:
@@ -74,6 +77,8 @@ class ControlSpec:
     value_key: str | None = None                # task data key the Image reads ($image -> "image")
     rules: tuple[LabelRule, ...] = ()
     warnings: tuple[str, ...] = ()              # harmless config issues worth a log line
+    index: int = 0                              # position among the config's controls: region ids stay unique
+                                                # across every image of a multi-image config
 
     def label_for(self, model_class: str) -> str | None:
         """Project label for a model class (also one not in the class list given at parse time)."""
@@ -166,6 +171,7 @@ def parse_label_config(label_config: str, settings: Settings,
                 value_key=value[1:] if value.startswith("$") else None,
                 rules=rules,
                 warnings=warnings,
+                index=len(specs),
             ))
     if not specs:
         found = sorted({f"<{c.tag} name=\"{c.name}\">" for c in interface.controls}) or ["no control tags"]

@@ -128,7 +128,8 @@ def parsing_to_results(parsing: Parsing, controls: Sequence[ControlSpec],
                        min_pixels: int | None = None) -> list[dict]:
     """Label Studio result items for every control; `min_pixels` overrides each control's own."""
     results: list[dict] = []
-    for k, spec in enumerate(controls):
+    for spec in controls:
+        k = spec.index
         floor = spec.min_pixels if min_pixels is None else min_pixels
         for kind, i, inst, label in _kept(parsing, spec):
             if inst.mask.shape != (parsing.height, parsing.width):
@@ -156,36 +157,48 @@ def _interface(label_config: str) -> LabelInterface:
     return LabelInterface(label_config)
 
 
-def _own_checks(result: list[dict]) -> list[str]:
-    """What the SDK's validation lets through but Label Studio would draw wrongly."""
+def _own_checks(result: list) -> list[str]:
+    """What the SDK's validation lets through but Label Studio would draw wrongly (and anything malformed, since
+    cached results are read back from Redis)."""
+    if not isinstance(result, list):
+        return ["result is not a list"]
     errors = []
-    ids = [r.get("id") for r in result]
+    ids = [repr(r.get("id")) if isinstance(r, dict) else None for r in result]
     if len(set(ids)) != len(ids):
         errors.append("region ids are not unique")
     for n, region in enumerate(result):
-        value = region.get("value", {})
+        if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
+            errors.append(f"region {n}: not a region object with a value")
+            continue
+        value = region["value"]
         if region.get("type") == "polygonlabels":
-            pts = np.asarray(value.get("points", []), dtype=np.float64)
+            try:
+                pts = np.asarray(value.get("points", []), dtype=np.float64)
+            except (TypeError, ValueError):
+                pts = np.zeros((0,))
             if pts.ndim != 2 or len(pts) < 3 or pts.shape[1] != 2:
                 errors.append(f"region {n}: a polygon needs >= 3 [x, y] points")
-            elif pts.min() < 0 or pts.max() > 100:
+            elif not np.isfinite(pts).all() or pts.min() < 0 or pts.max() > 100:
                 errors.append(f"region {n}: points outside [0, 100]")
-        if not 0.0 <= float(region.get("score", 0.0)) <= 1.0:
+        score = region.get("score", 0.0)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= float(score) <= 1.0:
             errors.append(f"region {n}: score outside [0, 1]")
     return errors
 
 
 def validate_prediction(prediction: dict, label_config: str) -> list[str]:
     """Errors of `prediction` against `label_config` (empty list = valid): the SDK's and ours."""
-    errors = list(_interface(label_config).validate_prediction(prediction, return_errors=True))
-    return errors + _own_checks(prediction.get("result", []))
+    own = _own_checks(prediction.get("result", []))
+    if own:
+        return own  # the SDK's validator is not written for malformed input
+    return list(_interface(label_config).validate_prediction(prediction, return_errors=True))
 
 
-def make_prediction(parsing: Parsing, controls: Sequence[ControlSpec], model_version: str,
-                    label_config: str) -> dict:
-    """`{"result", "score", "model_version"}` for one task, validated; InvalidPredictionError if not."""
-    result = parsing_to_results(parsing, controls)
-    scores = [r["score"] for r in result]
+def build_prediction(result: list[dict], model_version: str, label_config: str) -> dict:
+    """`{"result", "score", "model_version"}` from result items (of one or several images), validated against the
+    config; InvalidPredictionError if not. Cached results go through here too: Redis is not trusted to hold what
+    we stored."""
+    scores = [float(r["score"]) for r in result if isinstance(r, dict) and isinstance(r.get("score"), (int, float))]
     prediction = {
         "result": result,
         "score": round(float(np.mean(scores)), SCORE_DECIMALS) if scores else 0.0,
@@ -196,3 +209,9 @@ def make_prediction(parsing: Parsing, controls: Sequence[ControlSpec], model_ver
         shown = "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "")
         raise InvalidPredictionError(f"invalid prediction for model_version {model_version}: {shown}")
     return prediction
+
+
+def make_prediction(parsing: Parsing, controls: Sequence[ControlSpec], model_version: str,
+                    label_config: str) -> dict:
+    """The validated prediction of one parsed image for the controls drawing on it."""
+    return build_prediction(parsing_to_results(parsing, controls), model_version, label_config)

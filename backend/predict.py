@@ -1,13 +1,21 @@
-"""One Label Studio task -> one prediction: fetch the image, parse it (through the cache), build the results.
+"""The one path from a task (or images already in hand) to a validated Label Studio prediction.
 
-The cache holds both the parsing (by image hash + parser fingerprint; any config can reuse it) and, per
-labeling config, the finished prediction (so repeating a request skips the polygon conversion as well).
+    plan = predictor.plan(label_config)              # which images the config draws on, which controls on each
+    outcome = predictor.predict_task(task, plan)     # fetch each image -> parse (cache) -> regions -> validated
 
-A failure is confined to its task: the image cannot be fetched (404, auth, timeout, too large), is not an
-image, or is corrupt -> that task gets None, a log line names the task, the URL and the reason, and a
-counter per reason goes up; the other tasks of the request still get their predictions. Only a labeling
-config the backend cannot serve (no PolygonLabels/BrushLabels bound to an Image) fails the whole request,
-with a LabelConfigError saying why.
+The server's /predict, folder mode, project mode and the RQ workers all come here through `model.M2FPModel`.
+Every `<Image>` of the config gets its own regions from its own image (a config with `$front` and `$back`
+gets the front's regions on the front control and the back's on the back), and region ids are unique across
+all of them (Label Studio merges regions that share an id).
+
+Two caches sit on the way (backend/cache.py): the parsing, by image hash + parser fingerprint (any config reuses
+it), and per image + controls the finished result items, so a repeated request skips the polygon conversion
+too. Cached items are validated like fresh ones, in `build_prediction`.
+
+A failure is confined to its task: an input error (backend/errors.py: 404, not an image, too large, no image
+field...) gives that task no prediction, a log line naming the task, the URL and the reason, and a counter per
+reason; the other tasks still get theirs. Only a labeling config the backend cannot serve fails a whole
+request, with a LabelConfigError saying why.
 """
 from __future__ import annotations
 
@@ -17,70 +25,103 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from backend.cache import ParsingCache, image_digest
-from backend.engine import InvalidImageError
 from backend.engine.types import Parsing
-from backend.images import ImageError, ImageFetcher, decode_image
-from backend.ls_config import LabelConfigError, parse_label_config
-from backend.ls_results import make_prediction
+from backend.errors import InputError, describe, reason_of
+from backend.images import ImageFetcher, decode_image
+from backend.ls_config import DEFAULT_CLASSES, ControlSpec, LabelConfigError, parse_label_config
+from backend.ls_results import build_prediction, parsing_to_results
 from backend.settings import Settings
+
+if TYPE_CHECKING:
+    from backend.engine import HumanParser
 
 logger = logging.getLogger(__name__)
 
 
-class TaskError(Exception):
-    """A task this backend cannot predict for a reason of its own (not an image problem)."""
+@dataclass(frozen=True)
+class ImagePlan:
+    """One `<Image>` of the config and the controls that draw on it."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+    data_key: str                         # task data field with the image URL (value="$front" -> "front")
+    to_name: str                          # the Image tag's name
+    controls: tuple[ControlSpec, ...]
+    variant: str                          # results-cache variant: everything besides the bytes that shapes regions
 
 
 @dataclass(frozen=True)
-class TaskFailure:
-    """Why one task got no prediction (kept for the stats endpoint and for callers that report it)."""
+class ConfigPlan:
+    """What a labeling config asks of this backend: one ImagePlan per image it draws on."""
 
-    task_id: Any
+    label_config: str
+    images: tuple[ImagePlan, ...]
+
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        return tuple(image.data_key for image in self.images)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one task got no prediction."""
+
+    task_id: object
     url: str | None
     reason: str
     message: str
 
 
+@dataclass
+class TaskOutcome:
+    """One task's answer: a validated prediction, or the failure that stands in for it."""
+
+    task_id: object
+    prediction: dict | None = None
+    failure: Failure | None = None
+    inferences: int = 0                              # model runs for this task (0: every image came from a cache)
+    parsings: dict[str, Parsing] | None = None       # per data key, only when asked for (folder mode's PNGs)
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None
+
+
 class Predictor:
     """Fetch -> cache/parse -> Label Studio predictions, for any number of tasks. Thread-safe."""
 
-    def __init__(self, parser: Any, settings: Settings, cache: ParsingCache | None = None,
-                 fetcher: ImageFetcher | None = None) -> None:
+    def __init__(self, parser: HumanParser, settings: Settings, cache: ParsingCache, fetcher: ImageFetcher) -> None:
         self.parser = parser
         self.settings = settings
-        self.cache = cache if cache is not None else ParsingCache(settings, parser.fingerprint)
-        self.fetcher = fetcher if fetcher is not None else ImageFetcher(settings)
+        self.cache = cache
+        self.fetcher = fetcher
         self._lock = threading.Lock()
         self._tasks = 0
         self._predictions = 0
         self._inferences = 0
         self._engine_seconds = 0.0
         self._failures: Counter[str] = Counter()
-        self._last_failures: list[TaskFailure] = []
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "Predictor":
-        """Load the parser the settings name (model, revision, device, threads, cache dir) and wrap it."""
-        from backend.engine import HumanParser
-
-        parser = HumanParser.from_pretrained(
-            settings.model, revision=settings.model_revision, device=settings.device,
-            threads=settings.threads or None, cache_dir=settings.model_cache_dir)
-        return cls(parser, settings)
+        self._last_failures: list[Failure] = []
 
     @property
     def model_version(self) -> str:
         return str(self.parser.version)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.parser.classes)
+
+    # ----- the labeling config -----
+
+    def plan(self, label_config: str) -> ConfigPlan:
+        """The images and controls a config asks for; LabelConfigError when this backend cannot serve it."""
+        if not isinstance(label_config, str) or not label_config.strip():
+            raise LabelConfigError("no labeling config was given")
+        return plan_config(label_config, self.settings, self.classes, self.model_version)
 
     # ----- parsing -----
 
@@ -97,100 +138,68 @@ class Predictor:
         try:
             return self.parser(image)
         finally:
-            # decode + parse: what calling the engine directly on the bytes costs (the benchmark's reference)
             with self._lock:
                 self._engine_seconds += time.perf_counter() - start
 
-    def controls_for(self, label_config: str) -> list:
-        """The config's controls this backend fills; LabelConfigError when there is none."""
-        if not isinstance(label_config, str) or not label_config.strip():
-            raise LabelConfigError("no labeling config was given")
-        controls = list(_controls_cached(label_config, self.settings, tuple(self.parser.classes)))
-        for control in controls:
-            if not control.value_key:
-                raise LabelConfigError(f"control {control.from_name!r}: its Image {control.to_name!r} has no "
-                                       "value=\"$field\" naming the task field that holds the image URL")
-        return controls
-
     # ----- tasks -----
 
-    def predict_tasks(self, tasks: Sequence[Mapping], label_config: str) -> list[dict | None]:
-        """One entry per task, in order: a validated prediction dict, or None when that task failed."""
-        controls = self.controls_for(label_config)
-        return [self.predict_task(task, controls, label_config) for task in tasks]
+    def predict_tasks(self, tasks: Sequence[Mapping], plan: ConfigPlan, *,
+                      images: Sequence[Mapping[str, bytes]] | None = None, keep_parsings: bool = False,
+                      fetcher: ImageFetcher | None = None) -> list[TaskOutcome]:
+        """One outcome per task, in order. `images[i]` (data key -> bytes) spares fetching task i's images."""
+        return [self.predict_task(task, plan, images=images[i] if images is not None else None,
+                                  keep_parsings=keep_parsings, fetcher=fetcher)
+                for i, task in enumerate(tasks)]
 
-    def predict_task(self, task: Mapping, controls: list, label_config: str) -> dict | None:
+    def predict_task(self, task: Mapping, plan: ConfigPlan, *, images: Mapping[str, bytes] | None = None,
+                     keep_parsings: bool = False, fetcher: ImageFetcher | None = None) -> TaskOutcome:
+        """The prediction for one task; never raises for a problem of this task (see TaskOutcome.failure)."""
         task_id = task.get("id") if isinstance(task, Mapping) else None
+        outcome = TaskOutcome(task_id, parsings={} if keep_parsings else None)
         url: str | None = None
         with self._lock:
             self._tasks += 1
         try:
-            groups = self._controls_by_image(controls)
-            predictions = []
-            for data_key, group in groups.items():
-                url = self._image_url(task, data_key)
-                predictions.append(self._predict_image(self.fetcher.fetch(url), group, label_config))
-            prediction = predictions[0] if len(predictions) == 1 else self._merge(predictions)
-        except ImageError as exc:
-            self._failed(TaskFailure(task_id, url, exc.reason, str(exc)))
-            return None
-        except TaskError as exc:
-            self._failed(TaskFailure(task_id, url, exc.reason, str(exc)))
-            return None
-        except InvalidImageError as exc:
-            # Decoded, but not something the engine can parse.
-            self._failed(TaskFailure(task_id, url, "decode", str(exc)))
-            return None
-        except Exception as exc:  # noqa: BLE001 - one task's bug must not cost the other tasks their predictions
-            logger.exception("task %s: unexpected error predicting %s", task_id, url)
-            self._failed(TaskFailure(task_id, url, "internal", f"{type(exc).__name__}: {exc}"), log=False)
-            return None
+            results: list[dict] = []
+            for image in plan.images:
+                data = images.get(image.data_key) if images is not None else None
+                if data is None:
+                    url = _image_url(task, image.data_key)
+                    data = (fetcher or self.fetcher).fetch(url)
+                results.extend(self._image_results(data, image, outcome))
+                url = None
+            outcome.prediction = build_prediction(results, self.model_version, plan.label_config)
+        except Exception as exc:  # noqa: BLE001 - one task's problem must not cost the other tasks theirs
+            outcome.failure = Failure(task_id, url, reason_of(exc), describe(exc))
+            self._failed(outcome.failure, exc)
+            return outcome
         with self._lock:
             self._predictions += 1
-        return prediction
+        return outcome
 
-    def _predict_image(self, data: bytes, controls: list, label_config: str) -> dict:
-        """The prediction for one image and the controls on it: results cache, else parsing (cache) + results."""
+    def _image_results(self, data: bytes, image: ImagePlan, outcome: TaskOutcome) -> list[dict]:
+        """The result items of one image for the controls on it: results cache, else parsing (cache) + regions."""
         digest = image_digest(data)
-        variant = _results_variant(controls, label_config, self.model_version)
-        prediction = self.cache.get_results(digest, variant)
-        if prediction is None:
-            parsing, _ = self.parse_bytes(data, digest)
-            prediction = make_prediction(parsing, controls, self.model_version, label_config)
-            self.cache.put_results(digest, variant, prediction)
-        return prediction
+        if outcome.parsings is None:
+            cached = self.cache.get_results(digest, image.variant)
+            if isinstance(cached, list):
+                return cached
+        parsing, hit = self.parse_bytes(data, digest)
+        if not hit:
+            outcome.inferences += 1
+        if outcome.parsings is not None:
+            outcome.parsings[image.data_key] = parsing
+        results = parsing_to_results(parsing, image.controls)
+        self.cache.put_results(digest, image.variant, results)
+        return results
 
-    @staticmethod
-    def _controls_by_image(controls: list) -> dict[str, list]:
-        """Controls grouped by the task data key of their Image (one config may label several images)."""
-        groups: dict[str, list] = {}
-        for control in controls:
-            groups.setdefault(control.value_key, []).append(control)
-        return groups
-
-    @staticmethod
-    def _image_url(task: Mapping, data_key: str) -> str:
-        data = task.get("data") if isinstance(task, Mapping) else None
-        if not isinstance(data, Mapping):
-            raise TaskError("bad_task", "task has no 'data' object")
-        url = data.get(data_key)
-        if not isinstance(url, str) or not url:
-            raise TaskError("no_image", f"task data has no {data_key!r} field with the image URL "
-                                        f"(fields: {', '.join(sorted(map(str, data))) or 'none'})")
-        return url
-
-    def _merge(self, predictions: list[dict]) -> dict:
-        """Several Image tags in one config: one prediction carrying every image's regions."""
-        scores = [p["score"] for p in predictions if p.get("score") is not None]
-        return {"result": [r for p in predictions for r in p["result"]],
-                "score": sum(scores) / len(scores) if scores else None,
-                "model_version": self.model_version}
-
-    def _failed(self, failure: TaskFailure, log: bool = True) -> None:
-        if log:
+    def _failed(self, failure: Failure, exc: BaseException) -> None:
+        if isinstance(exc, InputError):
             where = "" if failure.url is None or failure.message.startswith(failure.url) else f"{failure.url}: "
             logger.warning("task %s: no prediction (%s): %s%s", failure.task_id, failure.reason, where,
                            failure.message)
+        else:
+            logger.error("task %s: unexpected error predicting %s", failure.task_id, failure.url, exc_info=exc)
         with self._lock:
             self._failures[failure.reason] += 1
             self._last_failures = (self._last_failures + [failure])[-20:]
@@ -207,11 +216,23 @@ class Predictor:
                 "inferences": self._inferences,
                 "engine_seconds": round(self._engine_seconds, 6),
                 "failures": dict(self._failures),
-                "last_failures": [f.__dict__ for f in self._last_failures],
+                "last_failures": [asdict(f) for f in self._last_failures],
             }
         out["cache"] = self.cache.stats().as_dict()
         out["cache"]["enabled"] = self.cache.enabled
         return out
+
+
+def _image_url(task: Mapping, data_key: str) -> str:
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise InputError("task has no 'data' object", reason="bad_task")
+    url = data.get(data_key)
+    if not isinstance(url, str) or not url:
+        fields = ", ".join(sorted(map(str, data))[:20]) or "none"
+        raise InputError(f"task data has no {data_key!r} field with the image URL (fields: {fields})",
+                         reason="no_image")
+    return url
 
 
 def _results_code_version() -> str:
@@ -232,19 +253,28 @@ def _results_code_version() -> str:
 _RESULTS_CODE = _results_code_version()
 
 
-def _results_variant(controls: list, label_config: str, model_version: str) -> str:
-    """Everything besides the image that decides a prediction: config, per-control settings, version, code."""
-    text = "\0".join([_RESULTS_CODE, model_version, label_config, *map(repr, controls)])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
 @lru_cache(maxsize=64)
-def _controls_cached(label_config: str, settings: Settings, classes: tuple[str, ...]) -> tuple:
-    controls = tuple(parse_label_config(label_config, settings, classes))
+def plan_config(label_config: str, settings: Settings, classes: tuple[str, ...] = DEFAULT_CLASSES,
+                model_version: str = "") -> ConfigPlan:
+    """The plan of a config for a model with these classes and version (without a loaded model, e.g. to check
+    a config before enqueuing: the hub model's classes); LabelConfigError when it cannot be served."""
+    controls = parse_label_config(label_config, settings, classes)
+    groups: dict[str, list[ControlSpec]] = {}
+    names: dict[str, str] = {}
     for control in controls:
         for warning in control.warnings:
             logger.warning("labeling config: %s", warning)
-    return controls
+        if not control.value_key:
+            raise LabelConfigError(f"control {control.from_name!r}: its Image {control.to_name!r} has no "
+                                   "value=\"$field\" naming the task field that holds the image URL")
+        groups.setdefault(control.value_key, []).append(control)
+        names.setdefault(control.value_key, control.to_name)
+    images = []
+    for data_key, group in groups.items():
+        text = "\0".join([_RESULTS_CODE, model_version, label_config, data_key, *map(repr, group)])
+        images.append(ImagePlan(data_key=data_key, to_name=names[data_key], controls=tuple(group),
+                                variant=hashlib.sha256(text.encode()).hexdigest()[:24]))
+    return ConfigPlan(label_config=label_config, images=tuple(images))
 
 
-__all__ = ["Predictor", "TaskFailure", "TaskError", "LabelConfigError"]
+__all__ = ["ConfigPlan", "Failure", "ImagePlan", "LabelConfigError", "Predictor", "TaskOutcome", "plan_config"]

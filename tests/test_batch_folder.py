@@ -18,7 +18,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from backend.batch import folder
-from backend.batch.errors import BadInput, describe
+from backend.errors import InputError, describe
 from backend.batch.progress import CACHED, DONE, FAILED, SKIPPED, ItemResult, Progress, Summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +65,20 @@ def test_image_url_local_files_and_root_url(tmp_path: Path) -> None:
         folder.image_url(path, outside)
 
 
-def test_data_key_follows_the_image_tag() -> None:
-    assert folder.data_key(POLYGON_CONFIG) == "photo"
-    with pytest.raises(ValueError, match="no <Image>"):
-        folder.data_key('<View><Text name="t" value="$text"/></View>')
+def test_items_one_per_file_or_one_per_name_across_image_subfolders(tmp_path: Path) -> None:
+    for name in ["a.jpg", "sub/b.png"]:
+        (tmp_path / "one" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "one" / name).write_bytes(b"x")
+    single = folder.list_items(tmp_path / "one", ("photo",))
+    assert [(i.key, list(i.files)) for i in single] == [("a.jpg", ["photo"]), ("sub/b.png", ["photo"])]
+    for name in ["front/x.jpg", "back/x.jpg", "front/y.jpg"]:
+        (tmp_path / "two" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "two" / name).write_bytes(b"x")
+    pairs = folder.list_items(tmp_path / "two", ("front", "back"))
+    assert [(i.key, sorted(i.files)) for i in pairs] == [("x.jpg", ["back", "front"]), ("y.jpg", ["front"])]
+    assert pairs[0].files["back"] == str((tmp_path / "two" / "back" / "x.jpg").resolve())
+    with pytest.raises(NotADirectoryError, match="side/"):
+        folder.list_items(tmp_path / "two", ("front", "side"))
 
 
 def test_output_paths_keep_the_folder_structure(tmp_path: Path) -> None:
@@ -119,7 +129,8 @@ def test_progress_bar_on_a_tty() -> None:
 
 
 def test_describe_is_one_line() -> None:
-    assert describe(BadInput("first line\nsecond")) == "BadInput: first line"
+    assert describe(InputError("first line\nsecond", reason="decode")) == "first line"
+    assert describe(InputError(reason="decode")) == "decode"
     assert describe(KeyError()) == "KeyError"
 
 
@@ -166,7 +177,7 @@ def test_folder_run_reports_the_corrupt_image_and_exits_non_zero(first_run: dict
     summary = json.loads((first_run["out"] / "summary.json").read_text())
     assert summary["total"] == 3 and summary["failed"] == 1 and summary["done"] + summary["cached"] == 2
     (failure,) = summary["failures"]
-    assert failure["item"] == "broken.jpg" and "Image" in failure["reason"], failure
+    assert failure["item"] == "broken.jpg" and failure["reason"].startswith("decode: "), failure
     assert "FAILED broken.jpg:" in proc.stderr
     # Not a terminal: plain progress lines, no carriage-return bar.
     assert "folder: 3/3 (100%)" in proc.stderr and "\r" not in proc.stderr

@@ -19,7 +19,7 @@ from rq import Worker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from backend.batch.worker import _is_bad_input
+from backend.batch.jobs import fetch_job
 from testing.workers import QUEUE, WorkerProcess, base_env, db_url, finish_cli, start_cli
 
 CONFIG = """<View>
@@ -42,15 +42,7 @@ def make_photos(root: Path, sample_images: list[Path], corrupt: bool) -> Path:
 def queue_jobs(connection: Redis) -> tuple[list[Job], list[Job]]:
     finished = FinishedJobRegistry(QUEUE, connection=connection).get_job_ids()
     failed = FailedJobRegistry(QUEUE, connection=connection).get_job_ids()
-    return ([Job.fetch(i, connection=connection) for i in finished],
-            [Job.fetch(i, connection=connection) for i in failed])
-
-
-def test_bad_input_is_recognised_from_the_traceback() -> None:
-    assert _is_bad_input("Traceback (most recent call last):\n  ...\n"
-                         "backend.batch.errors.BadInput: ImageDecodeError: not an image\n")
-    assert not _is_bad_input("Traceback...\nConnectionError: LS is down\n")
-    assert not _is_bad_input("")
+    return ([fetch_job(i, connection) for i in finished], [fetch_job(i, connection) for i in failed])
 
 
 def test_two_workers_complete_every_job_once_and_a_corrupt_image_fails_alone(
@@ -83,14 +75,16 @@ def test_two_workers_complete_every_job_once_and_a_corrupt_image_fails_alone(
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["done"] == len(good) and summary["failed"] == 1
     assert summary["failures"][0]["item"] == "zz_corrupt.jpg"
-    assert "ImageDecodeError" in summary["failures"][0]["reason"], summary
+    assert summary["failures"][0]["reason"].startswith("decode: "), summary
 
     finished, failed = queue_jobs(connection)
-    assert len(finished) == len(good) and len(failed) == 1
+    # A bad input is a finished job carrying a failed item: nothing for rq to retry.
+    assert len(finished) == len(good) + 1 and failed == []
     # Exactly once: one execution result per job, no retry of the good ones, none of the corrupt one either.
-    for job in finished + failed:
+    for job in finished:
         assert len(job.results()) == 1, (job.description, job.results())
-    assert failed[0].description == "zz_corrupt.jpg" and failed[0].retries_left == 0
+    corrupt = next(job for job in finished if job.description == "zz_corrupt.jpg")
+    assert corrupt.return_value()["result"]["status"] == "failed"
     # Both workers took part.
     assert {r.worker_name for job in finished for r in job.results()} == {w.name for w in workers}
 
@@ -103,9 +97,9 @@ def test_a_killed_workers_job_completes_on_another_worker(
     photos = make_photos(tmp_path / "photos", sample_images[:1], corrupt=False)
     config = tmp_path / "config.xml"
     config.write_text(CONFIG)
-    # No parsing cache here: the victim dies holding the cache's compute lock, and the survivor would first wait
-    # for that lock to lapse; the cache's own tests cover that path.
-    env = base_env(model_dir, cache_url="")
+    # With the parsing cache: the victim dies holding the cache's compute lock for the image, and that lock
+    # must go with it, or the survivor's redo would idle waiting for a parse nobody is running.
+    env = base_env(model_dir, cache_url=url)
     victim = WorkerProcess(f"victim-{os.getpid()}", url, env, tmp_path)
     survivor = None
     cli = None
@@ -120,8 +114,17 @@ def test_a_killed_workers_job_completes_on_another_worker(
             time.sleep(0.1)
         (victim_job_id,) = registry.get_job_ids()
         time.sleep(0.5)  # well inside the parse: inference takes seconds
+        deadline = time.monotonic() + 60
+        while not connection.keys("m2fp:parsing:*:lock") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert connection.keys("m2fp:parsing:*:lock"), "the victim never took the parsing lock"
         victim.kill()
-        assert Job.fetch(victim_job_id, connection=connection).get_status() == JobStatus.STARTED
+        assert fetch_job(victim_job_id, connection).get_status() == JobStatus.STARTED
+        # The lock lives as long as its holder renews it: a few seconds after the kill it is gone by itself.
+        deadline = time.monotonic() + 30
+        while connection.keys("m2fp:parsing:*:lock") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not connection.keys("m2fp:parsing:*:lock"), "a dead worker's parsing lock outlived it"
 
         survivor = WorkerProcess(f"survivor-{os.getpid()}", url, env, tmp_path)
         code = finish_cli(cli, log, timeout=300)
@@ -136,10 +139,37 @@ def test_a_killed_workers_job_completes_on_another_worker(
     assert code == 0, output + survivor.log()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["failed"] == 0 and summary["done"] == 1
-    job = Job.fetch(victim_job_id, connection=connection)
+    job = fetch_job(victim_job_id, connection)
     assert job.get_status() == JobStatus.FINISHED
     results = job.results()
     # The victim left no result (it died); the job ran once more and the survivor finished it.
     assert [r.worker_name for r in results] == [survivor.name]
     assert job.retries_left == 1  # one of its 2 retries was spent re-queuing it after the kill
     assert len(json.loads((tmp_path / "out" / "tasks.json").read_text())) == 1
+
+
+def test_a_worker_runs_only_json_jobs_of_its_own_functions(tmp_path: Path, model_dir: Path, redis_server) -> None:
+    """What anyone who can write to Redis might try: a job naming os.system, and a pickled job. Neither runs."""
+    from rq import Queue
+
+    from backend.batch.jobs import queue_for
+
+    url = db_url(redis_server, 5)
+    connection = Redis.from_url(url)
+    connection.flushdb()
+    marker = tmp_path / "pwned"
+    forged = queue_for(connection, QUEUE).enqueue("os.system", f"touch {marker}", job_id="forged-json")
+    # A pickle-serialised job (rq's default) in the same queue: the worker's JSON reader must not unpickle it.
+    Queue(QUEUE, connection=connection).enqueue("os.system", f"touch {marker}.pickle", job_id="forged-pickle")
+    worker = WorkerProcess(f"guard-{os.getpid()}", url, base_env(model_dir), tmp_path)
+    try:
+        worker.wait_ready(connection)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(FailedJobRegistry(QUEUE, connection=connection)) < 2:
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+    assert not marker.exists() and not Path(f"{marker}.pickle").exists()
+    failed = set(FailedJobRegistry(QUEUE, connection=connection).get_job_ids())
+    assert failed == {"forged-json", "forged-pickle"}, worker.log()
+    assert "not an m2fp-prelabel job" in fetch_job(forged.id, connection).latest_result().exc_string

@@ -227,6 +227,27 @@ def test_two_processes_share_one_computation_through_the_redis_lock(redis_server
     assert_same(out["a"][0], out["b"][0])
 
 
+def test_the_lock_lives_as_long_as_its_holder_computes(redis_server):
+    """A parse longer than the lock's timeout keeps its lock (renewed), so no second process starts the same
+    parse; the lock goes when the parse ends."""
+    settings = settings_for(redis_server.url)
+    fp = "fp-" + uuid.uuid4().hex
+    a = ParsingCache(settings, fp, lock_timeout=0.6, poll_interval=0.02)
+    b = ParsingCache(settings, fp, lock_timeout=0.6, poll_interval=0.02)
+    compute = Counter(make_parsing(), delay=2.0)
+    data = unique_bytes()
+    lock_key = a.key(image_digest(data)) + ":lock"
+    out = {}
+    ta = threading.Thread(target=lambda: out.setdefault("a", a.get_or_compute(data, compute)))
+    ta.start()
+    time.sleep(1.5)  # well past the lock's own timeout: only renewal keeps it
+    assert redis_server.client().exists(lock_key)
+    out["b"] = b.get_or_compute(data, compute)
+    ta.join()
+    assert compute.calls == 1 and out["b"][1] is True
+    assert not redis_server.client().exists(lock_key)
+
+
 def test_waiter_computes_itself_when_the_lock_holder_fails(redis_server):
     settings = settings_for(redis_server.url)
     fp = "fp-" + uuid.uuid4().hex

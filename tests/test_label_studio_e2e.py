@@ -156,3 +156,101 @@ def test_brush_prelabels_with_mapped_labels(label_studio: LabelStudioServer, bac
             assert pixels.reshape(-1, 4)[:, 3].any()
     # Only the project's own vocabulary, never the model's class names it was mapped from.
     assert labels and labels <= {"skin", "clothes", "hair", "Person"}, labels
+
+
+# Two images per task, a control on each (front: polygons, back: brush): every image gets its own regions, with
+# its own size, and no region id is shared (Label Studio merges regions that share an id).
+TWO_IMAGE_CONFIG = """<View>
+  <Image name="front" value="$front"/>
+  <PolygonLabels name="front_parts" toName="front">
+""" + "\n".join(f'    <Label value="{name}"/>' for name in CIHP_PARTS) + """
+  </PolygonLabels>
+  <Image name="back" value="$back"/>
+  <BrushLabels name="back_parts" toName="back">
+""" + "\n".join(f'    <Label value="{name}"/>' for name in CIHP_PARTS) + """
+  </BrushLabels>
+</View>"""
+CONTROL_OF = {"front": "front_parts", "back": "back_parts"}
+
+
+def _cli(args: list[str], model_dir: Path, redis_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "M2FP_MODEL": str(model_dir), "M2FP_DEVICE": "cpu", "M2FP_THREADS": "2",
+           "REDIS_URL": redis_url, "LOG_LEVEL": "INFO"}
+    script = Path(sys.executable).parent / "m2fp-prelabel"
+    proc = subprocess.run([str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _assert_each_image_has_its_own_regions(prediction: dict, sizes: dict[str, tuple[int, int]]) -> None:
+    regions = prediction["result"]
+    ids = [r["id"] for r in regions]
+    assert len(ids) == len(set(ids)), "region ids shared between images"
+    for image, control in CONTROL_OF.items():
+        mine = [r for r in regions if r["to_name"] == image]
+        assert mine, f"no regions on {image}"
+        assert {r["from_name"] for r in mine} == {control}
+        assert {(r["original_width"], r["original_height"]) for r in mine} == {sizes[image]}, image
+
+
+@pytest.fixture(scope="module")
+def two_image_files(label_studio: LabelStudioServer, sample_images: list[Path]) -> tuple[Path, dict]:
+    """front/ and back/ folders (one pair, different sizes) under Label Studio's local-files root."""
+    root = label_studio.local_files_root / "pairs"
+    by_name = {p.stem: p for p in sample_images}
+    for image, source in [("front", by_name["scene_640x480"]), ("back", by_name["portrait_480x800"])]:
+        (root / image).mkdir(parents=True, exist_ok=True)
+        (root / image / "look1.jpg").write_bytes(source.read_bytes())
+    return root, {"front": (640, 480), "back": (480, 800)}
+
+
+def _pair_project(ls: LabelStudioServer, root: Path) -> int:
+    project = create_project(ls, TWO_IMAGE_CONFIG)
+    # A Local Storage covering the folder lets LS serve its files; the tasks themselves come as JSON.
+    ls.api("POST", "/api/storages/localfiles/", json={"project": project, "title": "pairs", "path": str(root),
+                                                      "use_blob_urls": True})
+    return project
+
+
+def test_two_image_config_in_server_folder_and_project_modes(label_studio: LabelStudioServer, backend,
+                                                             two_image_files, model_dir: Path, redis_server,
+                                                             tmp_path: Path) -> None:
+    ls = label_studio
+    root, sizes = two_image_files
+    pair = {image: f"/data/local-files/?d=pairs/{image}/look1.jpg" for image in CONTROL_OF}
+
+    # Server mode: Label Studio's own "Retrieve predictions".
+    project = _pair_project(ls, root)
+    (task,) = import_tasks(ls, project, [pair])
+    connect_ml_backend(ls, project, backend.url)
+    retrieve_predictions(ls, project)
+    (served,) = predictions_of(ls, task)
+    _assert_each_image_has_its_own_regions(served, sizes)
+
+    # Folder mode: one subfolder per image field; the import JSON it writes goes into Label Studio unchanged.
+    config = tmp_path / "config.xml"
+    config.write_text(TWO_IMAGE_CONFIG)
+    _cli(["folder", str(root), "--label-config", str(config), "--out", str(tmp_path / "out"),
+          "--document-root", str(ls.local_files_root)], model_dir, redis_server.url)
+    import json
+
+    (written,) = json.loads((tmp_path / "out" / "tasks.json").read_text())
+    assert written["data"] == pair
+    _assert_each_image_has_its_own_regions(written["predictions"][0], sizes)
+    folder_project = _pair_project(ls, root)
+    (imported,) = import_tasks(ls, folder_project, [written])
+    (stored,) = predictions_of(ls, imported)
+    assert len(stored["result"]) == len(written["predictions"][0]["result"])
+    _assert_each_image_has_its_own_regions(stored, sizes)
+
+    # Project mode: the CLI reads the tasks from Label Studio and posts one prediction per task.
+    cli_project = _pair_project(ls, root)
+    (cli_task,) = import_tasks(ls, cli_project, [pair])
+    _cli(["project", str(cli_project), "--ls-url", ls.url, "--api-key", ls.token], model_dir, redis_server.url)
+    (posted,) = predictions_of(ls, cli_task)
+    _assert_each_image_has_its_own_regions(posted, sizes)
+    # The same images and config give the same regions whichever way they were asked for.
+    assert sorted(r["id"] for r in posted["result"]) == sorted(r["id"] for r in served["result"])

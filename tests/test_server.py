@@ -83,7 +83,7 @@ def server(backend_server, model_dir, redis_server, images, tmp_path_factory):
         "M2FP_MODEL": str(model_dir), "M2FP_THREADS": "2", "M2FP_CACHE_DIR": str(tmp_path_factory.mktemp("hub")),
         "REDIS_URL": redis_server.url_for(REDIS_DB), "REDIS_TIMEOUT": "0.3", "REDIS_RETRY_SECONDS": "1",
         "LOCAL_FILES_DOCUMENT_ROOT": str(images), "IMAGE_MAX_PIXELS": "10000000", "IMAGE_MAX_BYTES": "2000000",
-        "IMAGE_READ_TIMEOUT": "10"})
+        "IMAGE_READ_TIMEOUT": "10", "LOG_LEVEL": "DEBUG"})
     yield backend
     backend.stop()
 
@@ -257,11 +257,11 @@ def test_unusable_label_config_is_a_clear_error(server, image_host):
     choices = ('<View><Image name="image" value="$image"/><Choices name="c" toName="image">'
                '<Choice value="a"/></Choices></View>')
     answer = setup(server, choices)
-    assert answer.status_code == 400 and answer.json()["error"] == "label_config"
+    assert answer.status_code == 400 and answer.json()["error"] == "bad_config"
     assert "PolygonLabels" in answer.json()["message"] or "BrushLabels" in answer.json()["message"]
     response = requests.post(server.url + "/predict", timeout=30,
                              json={"tasks": [scene_task(image_host)], "label_config": choices})
-    assert response.status_code == 400 and response.json()["error"] == "label_config"
+    assert response.status_code == 400 and response.json()["error"] == "bad_config"
     malformed = requests.post(server.url + "/predict", timeout=30,
                               json={"tasks": [scene_task(image_host)], "label_config": "<View><Image name="})
     assert malformed.status_code == 400 and "does not parse" in malformed.json()["message"]
@@ -318,3 +318,18 @@ def test_gunicorn_workers_predict_without_setup(backend_server, model_dir, redis
         assert setup(backend, polygon_config()).json()["model_version"] == version
     finally:
         backend.stop()
+
+
+def test_debug_logs_carry_no_credentials_and_no_request_bodies(server, image_host):
+    """The server logs at DEBUG here: what Label Studio sends (its token, the tasks) must still not reach the log."""
+    secret = "Token 3f9c0d-never-in-a-log"
+    marker = "body-marker-7b1e"
+    response = requests.post(server.url + "/predict", timeout=300, headers={"Authorization": secret}, json={
+        "tasks": [{"id": 77, "data": {"image": f"{image_host}/scene.jpg", "note": marker}}],
+        "label_config": polygon_config(), "project": "1.1700000000"})
+    assert response.status_code == 200
+    requests.post(server.url + "/setup", timeout=30, headers={"Authorization": secret},
+                  json={"project": "1.1", "schema": polygon_config(), "access_token": secret, "note": marker})
+    log = server.log_text()
+    assert "DEBUG" in log  # the level is really on
+    assert "never-in-a-log" not in log and marker not in log

@@ -1,7 +1,7 @@
 """The HTTP API and demo page with the real engine (random-weight model) and a real Redis cache behind them.
 
-The app is a plain Flask app with label-studio-ml's own request hooks (they read every request and response body),
-so uploads and responses are handled the way the served app sees them; one test goes through a real HTTP server.
+The app is the backend's own (backend.server.create_app) around the session's parser; one test goes through a
+real HTTP server.
 Uploads of the same bytes after the first are cache hits: the module runs two inferences in all.
 """
 from __future__ import annotations
@@ -15,13 +15,12 @@ import pytest
 import requests
 from flask import Flask, request
 from flask.testing import FlaskClient
-from label_studio_ml.api import log_request_info, log_response_info
 from PIL import Image
 
 from backend.images import decode_image
-from backend.predict import Predictor
+from backend.runtime import build_runtime
+from backend.server import create_app
 from backend.settings import Settings
-from backend.web import register_web
 from testing.browser import serve
 
 # Redis databases of the session's redis-server used here (see testing/redis_server.py).
@@ -35,14 +34,8 @@ def web_settings(redis_url: str) -> Settings:
 
 
 def build_app(parser, settings: Settings) -> Flask:
-    """The web layer on a fresh Flask app, with a real Predictor and cache."""
-    app = Flask("m2fp-web-test")
-    # label-studio-ml's own hooks, as on the served app: they read every request and every response body.
-    app.before_request(log_request_info)
-    app.after_request(log_response_info)
-    predictor = Predictor(parser, settings)
-    register_web(app, lambda: predictor, settings)
-    return app
+    """The backend's own app around the session's parser, with a real cache."""
+    return create_app(build_runtime(parser, settings))
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    from flask import Flask
     from PIL import Image
 
     from backend.engine import HumanParser
-    from backend.predict import Predictor
+    from backend.runtime import build_runtime
+    from backend.server import create_app
     from backend.settings import Settings
-    from backend.web import register_web
 
     model = args.model
     if model is None:
@@ -45,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = cached_model("shaped")
     parser = HumanParser.from_pretrained(model, device="cpu", threads=args.threads)
-    settings = Settings(redis_url="")
-    predictor = Predictor(parser, settings)
-    app = Flask("m2fp-demo-screenshot")
-    register_web(app, lambda: predictor, settings)
+    app = create_app(build_runtime(parser, Settings(redis_url="")))
 
     with tempfile.TemporaryDirectory() as tmp:
         image = args.image

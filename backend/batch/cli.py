@@ -15,12 +15,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.batch import worker as worker_cli
-from backend.batch.errors import describe, input_error_types
+from backend.errors import InputError, describe
 from backend.batch.progress import FAILED, ItemResult, Progress, Summary
 from backend.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from backend.predict import ConfigPlan
+    from backend.runtime import Runtime
 
 log = logging.getLogger("m2fp.batch")
 
@@ -42,7 +46,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _queue(args: argparse.Namespace):
-    from rq import Queue
+    from backend.batch import jobs
 
     if not args.redis_url:
         raise UsageError("--enqueue needs Redis: pass --redis-url or set REDIS_URL")
@@ -51,21 +55,19 @@ def _queue(args: argparse.Namespace):
         connection.ping()
     except Exception as exc:
         raise UsageError(f"cannot reach Redis at {args.redis_url}: {describe(exc)}") from exc
-    return Queue(args.queue, connection=connection)
+    return jobs.queue_for(connection, args.queue)
 
 
 def _run_local(items: list, key_of, work, progress: Progress) -> None:
-    """Process items one after another in this process; one bad item costs one item."""
-    bad_input = input_error_types()
+    """Process items one after another in this process; one bad item costs one item (bad inputs come back as
+    failed items; an unexpected error is still this item's alone)."""
     for item in items:
         key = key_of(item)
         try:
             result = work(item)
-        except bad_input as exc:
-            result = ItemResult(key, FAILED, describe(exc))
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # unexpected, but still this item's failure only: keep going, report it
+        except Exception as exc:  # noqa: BLE001 - keep going, report it
             log.debug("item %s failed", key, exc_info=True)
             result = ItemResult(key, FAILED, describe(exc))
         progress.update(result)
@@ -76,8 +78,8 @@ def _finish(summary: Summary, out: Any = None) -> int:
     return summary.exit_code
 
 
-def _load_runtime(settings: Settings):
-    from backend.batch.runtime import get_runtime
+def _load_runtime(settings: Settings) -> Runtime:
+    from backend.runtime import get_runtime
 
     return get_runtime(settings)
 
@@ -93,11 +95,13 @@ def cmd_folder(args: argparse.Namespace) -> int:
         label_config = Path(args.label_config).read_text()
     except OSError as exc:
         raise UsageError(f"cannot read the labeling config {args.label_config}: {exc.strerror or exc}") from exc
+    settings = _settings(args)
+    plan = _check_label_config(label_config, settings)
     try:
-        images = folder.list_images(images_dir)
+        items = folder.list_items(images_dir, plan.data_keys)
     except NotADirectoryError as exc:
         raise UsageError(str(exc)) from exc
-    if not images:
+    if not items:
         raise UsageError(f"no images ({', '.join(sorted(folder.IMAGE_SUFFIXES))}) under {images_dir}")
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError("--alpha must be within [0, 1]")
@@ -106,12 +110,9 @@ def cmd_folder(args: argparse.Namespace) -> int:
         masks=args.masks, overlays=args.overlays, alpha=args.alpha, outline=not args.no_outline,
         image_root_url=args.image_root_url or "", document_root=args.document_root or "",
     )
-    settings = _settings(args)
-    _check_label_config(label_config, settings)
     try:
-        folder.data_key(label_config)
         if not options.image_root_url:
-            folder.image_url(images[0].resolve(), options)
+            folder.image_url(Path(next(iter(items[0].files.values()))), options)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -126,11 +127,11 @@ def cmd_folder(args: argparse.Namespace) -> int:
 
     if args.enqueue:
         queue = _queue(args)
-        progress = Progress(len(images), desc="folder")
+        progress = Progress(len(items), desc="folder")
         run_id = json.dumps(options.to_dict(), sort_keys=True)
-        specs = [jobs.JobSpec(jobs.stable_job_id("img", p.resolve(), run_id),
-                              folder.relative_key(p, images_dir), jobs.folder_image_job,
-                              (str(p.resolve()), options.to_dict())) for p in images]
+        specs = [jobs.JobSpec(jobs.stable_job_id("img", json.dumps(item.files, sort_keys=True), run_id), item.key,
+                              jobs.folder_image_job, (dataclasses.asdict(item), options.to_dict()))
+                 for item in items]
         job_ids = jobs.enqueue(queue, specs, args.job_timeout, args.retries)
         log.info("enqueued %d images on queue %r; waiting for workers", len(job_ids), queue.name)
         try:
@@ -139,18 +140,19 @@ def cmd_folder(args: argparse.Namespace) -> int:
             summary = progress.close()
         classes = _classes_from_workers(tasks, args, settings)
     else:
-        runtime = _load_runtime(settings)
-        classes = runtime.classes
-        progress = Progress(len(images), desc="folder")  # after loading: the rate is the steady-state one
+        from model import M2FPModel
 
-        def work(path: Path) -> ItemResult:
-            result, task = folder.process_image(runtime, path.resolve(), options)
+        model = M2FPModel(label_config, runtime=_load_runtime(settings))
+        classes = list(model.runtime.classes)
+        progress = Progress(len(items), desc="folder")  # after loading: the rate is the steady-state one
+
+        def work(item: folder.FolderItem) -> ItemResult:
+            result, task = folder.process_item(model, item, options)
             collect(result, {"task": task})
             return result
 
         try:
-            _run_local([p.resolve() for p in images], lambda p: folder.relative_key(p, images_dir.resolve()),
-                       work, progress)
+            _run_local(items, lambda item: item.key, work, progress)
         finally:
             summary = progress.close()
 
@@ -175,12 +177,13 @@ def _classes_from_workers(tasks: dict, args: argparse.Namespace, settings: Setti
     return list(load_config(source.path).classes)
 
 
-def _check_label_config(label_config: str, settings: Settings) -> None:
-    from backend.batch.runtime import controls_for
+def _check_label_config(label_config: str, settings: Settings) -> ConfigPlan:
+    """What the config asks for, checked before loading a model or enqueuing anything."""
+    from backend.predict import plan_config
 
     try:
-        controls_for(label_config, settings)
-    except Exception as exc:
+        return plan_config(label_config, settings)
+    except InputError as exc:
         raise UsageError(f"labeling config: {describe(exc)}") from exc
 
 
@@ -188,7 +191,6 @@ def _check_label_config(label_config: str, settings: Settings) -> None:
 
 def cmd_project(args: argparse.Namespace) -> int:
     from backend.batch import jobs, project
-    from backend.batch.folder import data_key
 
     settings = _settings(args, label_studio_url=args.ls_url, label_studio_api_key=args.api_key)
     from label_studio_sdk.client import LabelStudio
@@ -199,17 +201,15 @@ def cmd_project(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise UsageError(f"cannot read project {args.project_id} at {args.ls_url}: {describe(exc)}") from exc
     _check_label_config(label_config, settings)
-    try:
-        image_key = data_key(label_config)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
 
-    runtime = None
+    model = None
     model_version = args.model_version
     if not model_version or not args.enqueue:
-        runtime = _load_runtime(settings)
-        model_version = model_version or runtime.version
-    pending, already = project.tasks_to_predict(client, args.project_id, image_key, model_version)
+        from model import M2FPModel
+
+        model = M2FPModel(label_config, runtime=_load_runtime(settings))
+        model_version = model_version or model.model_version
+    pending, already = project.tasks_to_predict(client, args.project_id, model_version)
     log.info("project %s %r: %d tasks to pre-label, %d already have model version %s",
              args.project_id, title, len(pending), already, model_version)
     run = project.ProjectRun(args.project_id, label_config, model_version, args.ls_url)
@@ -233,7 +233,7 @@ def cmd_project(args: argparse.Namespace) -> int:
             redis = worker_cli.redis_connection(settings.redis_url)
         try:
             _run_local(pending, lambda t: f"task {t.id}",
-                       lambda t: project.process_task(runtime, client, redis, run, t, args.api_key), progress)
+                       lambda t: project.process_task(model, client, redis, run, t), progress)
         finally:
             summary = progress.close()
     summary_dict = summary.to_dict()

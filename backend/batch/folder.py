@@ -1,7 +1,10 @@
 """Folder mode: images on disk -> Label Studio import JSON (tasks with predictions), label PNGs, overlays.
 
-Processing one image (`process_image`) is the same function whether it runs in the CLI's process or in an RQ
-worker (which then needs the same paths: same machine or a shared mount). Writing the run's files is here too.
+One task per image file. A labeling config with several `<Image>` tags (`$front`, `$back`) takes one subfolder
+per image field (IMAGES_DIR/front/x.jpg and IMAGES_DIR/back/x.jpg make one task), each image getting its own
+regions. Processing one task (`process_item`) is the same function whether it runs in the CLI's process or in
+an RQ worker (which then needs the same paths: same machine or a shared mount); it goes through the model class
+like every other entry point. Writing the run's files is here too.
 """
 from __future__ import annotations
 
@@ -9,10 +12,14 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from backend.batch.errors import BadInput
-from backend.batch.progress import CACHED, DONE, ItemResult, Summary
+from backend.batch.progress import CACHED, DONE, FAILED, ItemResult, Summary
+from backend.errors import InputError
+
+if TYPE_CHECKING:
+    from model import M2FPModel
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 TASKS_FILE = "tasks.json"
@@ -53,6 +60,33 @@ def list_images(images_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(images_dir).as_posix())
 
 
+@dataclass(frozen=True)
+class FolderItem:
+    """One task of a folder run: its name, and per image field of the config the file (absent: none found)."""
+
+    key: str
+    files: dict[str, str]
+
+
+def list_items(images_dir: Path, data_keys: tuple[str, ...]) -> list[FolderItem]:
+    """The run's tasks: one per image file, or, for a config with several images, one per relative name found
+    in any of the per-field subfolders (a name missing from one subfolder fails its task alone)."""
+    if len(data_keys) == 1:
+        return [FolderItem(relative_key(p, images_dir), {data_keys[0]: str(p.resolve())})
+                for p in list_images(images_dir)]
+    missing = [k for k in data_keys if not (images_dir / k).is_dir()]
+    if missing:
+        raise NotADirectoryError(
+            f"the labeling config reads {len(data_keys)} images per task ({', '.join('$' + k for k in data_keys)}): "
+            f"put each field's images in its own subfolder of {images_dir} "
+            f"({', '.join(k + '/' for k in data_keys)}; missing: {', '.join(k + '/' for k in missing)})")
+    names: dict[str, dict[str, str]] = {}
+    for k in data_keys:
+        for p in list_images(images_dir / k):
+            names.setdefault(relative_key(p, images_dir / k), {})[k] = str(p.resolve())
+    return [FolderItem(rel, names[rel]) for rel in sorted(names)]
+
+
 def relative_key(path: Path, images_dir: Path) -> str:
     return path.relative_to(images_dir).as_posix()
 
@@ -68,18 +102,6 @@ def image_url(path: Path, options: FolderOptions) -> str:
     except ValueError as exc:
         raise ValueError(f"{path} is not under the local-files document root {root}") from exc
     return "/data/local-files/?d=" + quote(local)
-
-
-def data_key(label_config: str) -> str:
-    """The task data field the labeling config's Image reads (`value="$image"` -> "image")."""
-    from label_studio_sdk.label_interface import LabelInterface
-
-    interface = LabelInterface(label_config)
-    for obj in interface.objects:
-        if obj.tag.lower() == "image":
-            value = str(obj.value or "")
-            return value[1:] if value.startswith("$") else value
-    raise ValueError("the labeling config has no <Image> tag")
 
 
 def _suffixed(rel: str, suffix: str) -> PurePosixPath:
@@ -106,38 +128,45 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def process_image(runtime, path: Path, options: FolderOptions) -> tuple[ItemResult, dict]:
-    """Parse one image and build its task; write its label PNG / overlay when asked.
-
-    Raises BadInput for a file that cannot be read or parsed; anything else propagates.
-    """
-    from backend.ls_results import make_prediction
-
-    images_dir, out_dir = Path(options.images_dir), Path(options.out_dir)
-    rel = relative_key(path, images_dir)
+def process_item(model: M2FPModel, item: FolderItem, options: FolderOptions) -> tuple[ItemResult, dict | None]:
+    """Predict one task of the folder (its images read from disk) and build its Label Studio task; write label
+    PNGs / overlays when asked. A bad input is this item's failed result; anything else propagates."""
+    out_dir = Path(options.out_dir)
+    images: dict[str, bytes] = {}
+    data: dict[str, str] = {}
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadInput(f"cannot read {rel}: {exc.strerror or exc}") from exc
-    parsing, cached = runtime.predictor.parse_bytes(data)
-    controls = runtime.predictor.controls_for(options.label_config)
-    prediction = make_prediction(parsing, controls, runtime.version, options.label_config)
-    task = {"data": {data_key(options.label_config): image_url(path, options)}, "predictions": [prediction]}
+        for key, path in item.files.items():
+            data[key] = image_url(Path(path), options)
+            try:
+                images[key] = Path(path).read_bytes()
+            except OSError as exc:
+                raise InputError(f"cannot read {path}: {exc.strerror or exc}", reason="not_found") from exc
+    except InputError as exc:
+        return ItemResult(item.key, FAILED, f"{exc.reason}: {exc}"), None
+    outcome = model.predict_outcomes([{"data": data}], images=[images],
+                                     keep_parsings=options.masks or options.overlays)[0]
+    if outcome.failure is not None:
+        if outcome.failure.reason == "internal":
+            raise RuntimeError(outcome.failure.message)
+        return ItemResult(item.key, FAILED, f"{outcome.failure.reason}: {outcome.failure.message}"), None
+    task = {"data": data, "predictions": [outcome.prediction]}
+    for key, parsing in (outcome.parsings or {}).items():
+        # Several images per task: their PNGs go under the field's name, like the input.
+        name = item.key if len(model.plan.images) == 1 else f"{key}/{item.key}"
+        if options.masks:
+            from backend.visualise import label_map_image
 
-    if options.masks:
-        from backend.visualise import label_map_image
+            image = label_map_image(parsing, list(model.runtime.classes))
+            _write_atomic(mask_path(out_dir, name), lambda p: image.save(p, format="PNG"))
+        if options.overlays:
+            from backend.images import decode_image
+            from backend.visualise import overlay
 
-        image = label_map_image(parsing, runtime.classes)
-        _write_atomic(mask_path(out_dir, rel), lambda p: image.save(p, format="PNG"))
-    if options.overlays:
-        from backend.images import decode_image
-        from backend.visualise import overlay
-
-        photo = decode_image(data, runtime.settings.image_max_pixels)
-        drawn = overlay(photo, parsing, alpha=options.alpha, outline=options.outline)
-        _write_atomic(overlay_path(out_dir, rel), lambda p: drawn.save(p, format="JPEG", quality=90))
-    result = ItemResult(rel, CACHED if cached else DONE, regions=len(prediction.get("result", [])))
-    return result, task
+            photo = decode_image(images[key], model.runtime.settings.image_max_pixels)
+            drawn = overlay(photo, parsing, alpha=options.alpha, outline=options.outline)
+            _write_atomic(overlay_path(out_dir, name), lambda p: drawn.save(p, format="JPEG", quality=90))
+    status = DONE if outcome.inferences else CACHED
+    return ItemResult(item.key, status, regions=len(outcome.prediction["result"])), task
 
 
 def write_task_part(out_dir: Path, rel: str, task: dict) -> Path:

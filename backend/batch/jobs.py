@@ -12,35 +12,68 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from backend.batch.errors import BadInput, describe, input_error_types
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from backend.errors import describe
 from backend.batch.progress import FAILED, ItemResult, Progress
 
 log = logging.getLogger("m2fp.batch")
 
 ACTIVE_STATUSES = {"queued", "started", "scheduled", "deferred"}
+# Jobs travel as JSON, never pickle: anyone who can write to Redis could otherwise make a worker run code while
+# it merely reads a job. And a worker runs only these functions, whatever a forged job names.
+SERIALIZER = JSONSerializer
+ALLOWED_FUNCTIONS = frozenset({"backend.batch.jobs.folder_image_job", "backend.batch.jobs.project_task_job"})
+
+
+class ForbiddenJobError(Exception):
+    """A job names a function this worker does not run (not enqueued by m2fp-prelabel)."""
+
+
+class AllowListedJob(Job):
+    """rq's Job that refuses, when the worker asks for its function, anything outside ALLOWED_FUNCTIONS."""
+
+    @property
+    def func(self) -> Callable[..., Any]:
+        if self.func_name not in ALLOWED_FUNCTIONS:
+            raise ForbiddenJobError(f"job {self.id} names {self.func_name!r}, which is not an m2fp-prelabel job")
+        return super().func
+
+
+def queue_for(connection: Redis, name: str) -> Queue:
+    """The batch queue as the CLI, the server and the workers all open it (serializer, job class)."""
+    return Queue(name, connection=connection, serializer=SERIALIZER, job_class=AllowListedJob)
+
+
+def fetch_job(job_id: str, connection: Redis) -> Job:
+    return AllowListedJob.fetch(job_id, connection=connection, serializer=SERIALIZER)
 RESULT_TTL_S = 24 * 3600
 MAINTENANCE_EVERY_S = 5.0
 
 
 # ---------------------------------------------------------------- worker side
+# A bad input comes back as a failed item (retrying cannot fix it); only our own or the infrastructure's
+# errors raise, and rq retries those. Arguments and return values are plain JSON (see SERIALIZER).
 
 def _result_dict(result: ItemResult, **extra: Any) -> dict:
     return {"result": asdict(result), **extra}
 
 
-def folder_image_job(path: str, options: dict) -> dict:
-    """Parse one image of a folder run (the worker must see the same paths as the CLI).
+def folder_image_job(item: dict, options: dict) -> dict:
+    """Predict one task of a folder run (the worker must see the same paths as the CLI).
 
     The task (prediction included, tens of kB) goes to a file in the output folder for the CLI to collect;
     only a small result stays in Redis, however many images the run has."""
-    from backend.batch.folder import FolderOptions, process_image, write_task_part
-    from backend.batch.runtime import get_runtime
+    from backend.batch.folder import FolderItem, FolderOptions, process_item, write_task_part
+    from model import M2FPModel
 
     folder_options = FolderOptions(**options)
-    try:
-        result, task = process_image(get_runtime(), Path(path), folder_options)
-    except input_error_types() as exc:
-        raise BadInput(describe(exc)) from exc
+    result, task = process_item(M2FPModel(folder_options.label_config), FolderItem(**item), folder_options)
+    if task is None:
+        return _result_dict(result)
     return _result_dict(result, task_file=str(write_task_part(Path(folder_options.out_dir), result.key, task)))
 
 
@@ -49,7 +82,8 @@ def project_task_job(task: dict, run: dict) -> dict:
     from rq import get_current_job
 
     from backend.batch.project import ProjectRun, ProjectTask, process_task
-    from backend.batch.runtime import get_runtime
+    from backend.runtime import get_runtime
+    from model import M2FPModel
 
     runtime = get_runtime()
     project_run = ProjectRun(**run)
@@ -57,13 +91,9 @@ def project_task_job(task: dict, run: dict) -> dict:
     api_key = runtime.settings.label_studio_api_key
     if not api_key:
         raise RuntimeError("set LABEL_STUDIO_API_KEY for this worker (API keys never travel through Redis)")
-    client = runtime.ls_client(url, api_key)
     job = get_current_job()
-    try:
-        result = process_task(runtime, client, job.connection if job else None, project_run,
-                              ProjectTask(**task), api_key)
-    except input_error_types() as exc:
-        raise BadInput(describe(exc)) from exc
+    result = process_task(M2FPModel(project_run.label_config, runtime=runtime), runtime.ls_client(url, api_key),
+                          job.connection if job else None, project_run, ProjectTask(**task))
     return _result_dict(result)
 
 
@@ -85,7 +115,6 @@ def stable_job_id(kind: str, *parts: object) -> str:
 def enqueue(queue: Any, specs: Iterable[JobSpec], job_timeout: int, retries: int) -> dict[str, str]:
     """Enqueue every spec not already queued or running; returns {job_id: key} for all of them."""
     from rq import Retry
-    from rq.job import Job
     from rq.exceptions import NoSuchJobError
 
     specs = list(specs)
@@ -101,7 +130,7 @@ def enqueue(queue: Any, specs: Iterable[JobSpec], job_timeout: int, retries: int
         if status is not None:
             # A finished or failed job of an earlier run: replace it so its old result cannot be read as new.
             try:
-                Job.fetch(spec.job_id, connection=connection).delete()
+                fetch_job(spec.job_id, connection).delete()
             except NoSuchJobError:
                 pass
         to_enqueue.append(queue.prepare_data(
@@ -118,8 +147,6 @@ def enqueue(queue: Any, specs: Iterable[JobSpec], job_timeout: int, retries: int
 
 
 def _statuses(connection: Any, job_ids: list[str]) -> dict[str, str | None]:
-    from rq.job import Job
-
     out: dict[str, str | None] = {}
     for start in range(0, len(job_ids), 1000):
         chunk = job_ids[start:start + 1000]
@@ -133,7 +160,8 @@ def _statuses(connection: Any, job_ids: list[str]) -> dict[str, str | None]:
 
 
 def failure_reason(job: Any) -> str:
-    """The last line of the job's traceback, without the module path of our own exception."""
+    """Why a job failed (our code or the infrastructure: bad inputs come back as finished, failed items): the
+    last line of its traceback."""
     text = ""
     try:
         latest = job.latest_result()
@@ -144,13 +172,9 @@ def failure_reason(job: Any) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return f"job {job.get_status(refresh=False)} without a reason"
-    last = lines[-1].strip()
-    bad_input = f"{BadInput.__module__}.{BadInput.__name__}: "
-    if last.startswith(bad_input):
-        return last[len(bad_input):]
-    if "AbandonedJobError" in last:
+    if "AbandonedJobError" in lines[-1]:
         return "its worker died on every attempt (AbandonedJobError)"
-    return last
+    return lines[-1].strip()
 
 
 def _finished_result(job: Any, key: str) -> tuple[ItemResult, dict]:
@@ -178,7 +202,6 @@ def wait(queue: Any, jobs: dict[str, str], progress: Progress, on_result: Callab
          | None = None, poll_s: float = 0.5, timeout_s: float | None = None) -> None:
     """Follow job statuses until every job has finished or failed, reporting each result as it arrives."""
     from rq import Worker
-    from rq.job import Job
     from rq.exceptions import NoSuchJobError
 
     pending = dict(jobs)
@@ -206,7 +229,7 @@ def wait(queue: Any, jobs: dict[str, str], progress: Progress, on_result: Callab
                 results.append(ItemResult(key, FAILED, "job vanished from Redis (deleted or expired)"))
                 continue
             try:
-                job = Job.fetch(job_id, connection=queue.connection)
+                job = fetch_job(job_id, queue.connection)
             except NoSuchJobError:
                 results.append(ItemResult(key, FAILED, "job vanished from Redis (deleted or expired)"))
                 continue

@@ -12,10 +12,12 @@ import hashlib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from backend.batch.errors import BadInput
-from backend.batch.progress import CACHED, DONE, SKIPPED, ItemResult
+from backend.batch.progress import CACHED, DONE, FAILED, SKIPPED, ItemResult
+
+if TYPE_CHECKING:
+    from model import M2FPModel
 
 log = logging.getLogger("m2fp.batch")
 
@@ -26,10 +28,10 @@ _VERSIONS_CHAR_LIMIT = 500  # Label Studio truncates predictions_model_versions 
 
 @dataclass(frozen=True)
 class ProjectTask:
-    """What a job needs to know about one task; plain values so RQ can carry it."""
+    """What a job needs to know about one task; plain values so RQ can carry it (as JSON)."""
 
     id: int
-    image_url: str
+    data: dict
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def task_versions(client: Any, task_id: int) -> set[str]:
     return {str(p.model_version) for p in client.predictions.list(task=task_id) if p.model_version is not None}
 
 
-def tasks_to_predict(client: Any, project_id: int, image_key: str, model_version: str,
+def tasks_to_predict(client: Any, project_id: int, model_version: str,
                      page_size: int = 500) -> tuple[list[ProjectTask], int]:
     """Tasks lacking a prediction of `model_version`, and how many were skipped because they have one."""
     pending: list[ProjectTask] = []
@@ -99,7 +101,7 @@ def tasks_to_predict(client: Any, project_id: int, image_key: str, model_version
             skipped += 1
             continue
         data = _field(task, "data") or {}
-        pending.append(ProjectTask(task_id, str(data.get(image_key, ""))))
+        pending.append(ProjectTask(task_id, dict(data) if isinstance(data, dict) else {}))
     return pending, skipped
 
 
@@ -126,25 +128,22 @@ def posting_lock(redis: Any, key: str) -> Iterator[None]:
             log.debug("lock %s had expired before release", key)
 
 
-def process_task(runtime: Any, client: Any, redis: Any, run: ProjectRun, task: ProjectTask,
-                 api_key: str = "") -> ItemResult:
-    """Predict one task and create its prediction in LS, unless it already has one of this version."""
-    from backend.ls_results import make_prediction
-
+def process_task(model: M2FPModel, client: Any, redis: Any, run: ProjectRun, task: ProjectTask) -> ItemResult:
+    """Predict one task and create its prediction in LS, unless it already has one of this version. A bad input
+    is this task's failed result; anything else (LS or Redis unreachable) propagates, so a job is retried."""
     key = f"task {task.id}"
-    if run.model_version != runtime.version:
+    if run.model_version != model.model_version:
         # A worker with another model would post predictions under a version nobody asked for.
-        raise RuntimeError(f"this worker's model version is {runtime.version!r}, the run wants {run.model_version!r}")
+        raise RuntimeError(f"this worker's model version is {model.model_version!r}, the run wants "
+                           f"{run.model_version!r}")
     if run.model_version in task_versions(client, task.id):
         return ItemResult(key, SKIPPED, "already has a prediction of this model version")
-    if not task.image_url:
-        raise BadInput("the task has no image URL in the field the labeling config reads")
-
-    data = runtime.fetcher(run.ls_url, api_key).fetch(task.image_url)
-    parsing, cached = runtime.predictor.parse_bytes(data)
-    controls = runtime.predictor.controls_for(run.label_config)
-    prediction = make_prediction(parsing, controls, run.model_version, run.label_config)
-
+    outcome = model.predict_outcomes([{"id": task.id, "data": task.data}], ls_url=run.ls_url)[0]
+    if outcome.failure is not None:
+        if outcome.failure.reason == "internal":
+            raise RuntimeError(outcome.failure.message)
+        return ItemResult(key, FAILED, f"{outcome.failure.reason}: {outcome.failure.message}")
+    prediction = outcome.prediction
     with posting_lock(redis, lock_key(run, task.id)):
         if run.model_version in task_versions(client, task.id):
             return ItemResult(key, SKIPPED, "another worker posted it first")
@@ -152,4 +151,4 @@ def process_task(runtime: Any, client: Any, redis: Any, run: ProjectRun, task: P
             task=task.id, result=prediction["result"], score=prediction.get("score"),
             model_version=run.model_version,
         )
-    return ItemResult(key, CACHED if cached else DONE, regions=len(prediction["result"]))
+    return ItemResult(key, DONE if outcome.inferences else CACHED, regions=len(prediction["result"]))

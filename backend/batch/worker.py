@@ -1,12 +1,12 @@
 """The RQ worker that runs batch jobs: `m2fp-prelabel worker` or `python -m backend.batch.worker`.
 
 It is rq's SimpleWorker (jobs run in the worker process, so the model is loaded once per worker rather than per
-forked job) with two changes:
-- a heartbeat thread keeps the job's StartedJobRegistry entry alive with a SHORT ttl while the job runs, so a
-  worker killed mid-job (kill -9, OOM, lost machine) is noticed within seconds, and rq's own registry cleanup
-  (run by every other worker and by the waiting CLI) retries its job elsewhere; rq's default would wait for
-  the job timeout plus a minute;
-- a job failing with BadInput (corrupt image, 404...) fails at once: retrying cannot fix the input.
+job: rq's forking Worker starts a fresh interpreter per job) with a heartbeat thread that keeps the job's
+StartedJobRegistry entry alive with a SHORT ttl while the job runs, so a worker killed mid-job (kill -9, OOM,
+lost machine) is noticed within seconds, and rq's own registry cleanup (run by every other worker and by the
+waiting CLI) retries its job elsewhere; SimpleWorker alone beats no heartbeat during a job, so rq would wait
+for the job timeout plus a minute. Jobs are JSON and allow-listed (backend/batch/jobs.py); a bad input is a
+finished job with a failed item, so rq's retries only ever cover real failures.
 """
 from __future__ import annotations
 
@@ -19,16 +19,13 @@ import threading
 import uuid
 from typing import Any
 
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 from rq.worker import WorkerStatus
 
-from backend.batch.errors import BadInput
+from backend.batch.jobs import SERIALIZER, AllowListedJob, queue_for
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger("m2fp.batch.worker")
-
-_BAD_INPUT = f"{BadInput.__module__}.{BadInput.__name__}:"
-
 
 class BatchWorker(SimpleWorker):
     """SimpleWorker with a short job heartbeat and no retries for bad inputs."""
@@ -67,34 +64,23 @@ class BatchWorker(SimpleWorker):
             except Exception:  # a Redis hiccup must not kill the job; the next beat tries again
                 log.warning("job heartbeat failed", exc_info=True)
 
-    def handle_job_failure(self, job: Any, queue: Any, started_job_registry=None, exc_string: str = "",
-                           execution=None):
-        if _is_bad_input(exc_string):
-            job.retries_left = 0
-        return super().handle_job_failure(job, queue, started_job_registry=started_job_registry,
-                                          exc_string=exc_string, execution=execution)
-
-
-def _is_bad_input(exc_string: str) -> bool:
-    lines = [line for line in (exc_string or "").strip().splitlines() if line.strip()]
-    return bool(lines) and lines[-1].strip().startswith(_BAD_INPUT)
-
 
 def redis_connection(url: str):
     from redis import Redis
 
     if not url:
         raise SystemExit("no Redis URL: pass --redis-url or set REDIS_URL")
-    # rq stores pickled bytes: no decode_responses.
+    # rq stores bytes: no decode_responses.
     return Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
 
 
 def build_worker(settings: Settings, redis_url: str, queue_name: str, name: str | None = None,
                  heartbeat_s: float = 5.0, maintenance_s: int = 10) -> BatchWorker:
     connection = redis_connection(redis_url)
-    queue = Queue(queue_name, connection=connection)
-    worker = BatchWorker([queue], connection=connection, name=name or _default_name(),
-                         maintenance_interval=maintenance_s, job_monitoring_interval=int(heartbeat_s))
+    queue = queue_for(connection, queue_name)
+    worker = BatchWorker([queue], connection=connection, name=name or _default_name(), serializer=SERIALIZER,
+                         job_class=AllowListedJob, maintenance_interval=maintenance_s,
+                         job_monitoring_interval=int(heartbeat_s))
     worker.heartbeat_interval_s = heartbeat_s
     return worker
 
@@ -117,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backend.batch.runtime import get_runtime
+    from backend.runtime import get_runtime
 
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

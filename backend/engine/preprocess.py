@@ -17,11 +17,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend.errors import InputError
+
 ImageInput = Union[Image.Image, np.ndarray, bytes, bytearray, str, Path]
 
 
-class InvalidImageError(ValueError):
+class InvalidImageError(InputError, ValueError):
     """The input cannot be read as an image."""
+
+    reason = "decode"
 
 
 @dataclass(frozen=True)
