@@ -14,9 +14,10 @@ Anything unknown (model id, revision, file) gets the hub's error shape: HTTP 404
 Test controls (not part of the hub API), under /__hub__/:
   GET  stats   -> {"requests": [{"method", "kind", "model", "revision", "file", "range", "sent", "cut"}...]}
   POST reset   -> forget the recorded requests
-  POST faults  -> JSON {"cut_after": bytes|null, "rate": bytes_per_s|null, "hold": bool}: cut the NEXT file
-                  download after that many body bytes (once), serve file bodies at that rate, or hold file
-                  downloads (they wait, counted as started) until `hold` is set false again.
+  POST faults  -> JSON {"cut_after": bytes|null, "cut_file": path|null, "rate": bytes_per_s|null, "hold": bool}:
+                  cut the next download (of `cut_file` when given) after that many body bytes, once; serve
+                  file bodies at that rate; or hold file downloads (they wait, counted as started) until
+                  `hold` is set false again.
 
 Run it as a process (what the tests and the download benchmark do, through HubServer):
     python -m testing.hub_server --port 8765 --repo damo/model@v1.0.1=/path/to/folder [--repo ...]
@@ -90,6 +91,7 @@ class HubState:
         self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.cut_after: int | None = None
+        self.cut_file: str | None = None
         self.rate: float | None = None
         self.released = threading.Event()
         self.released.set()
@@ -99,8 +101,10 @@ class HubState:
             self.requests.append(entry)
         return entry
 
-    def take_cut(self) -> int | None:
+    def take_cut(self, path: str) -> int | None:
         with self.lock:
+            if self.cut_file not in (None, path):
+                return None
             cut, self.cut_after = self.cut_after, None
             return cut
 
@@ -156,6 +160,7 @@ class HubHandler(BaseHTTPRequestHandler):
             with st.lock:
                 if "cut_after" in body:
                     st.cut_after = body["cut_after"]
+                    st.cut_file = body.get("cut_file")
                 if "rate" in body:
                     st.rate = body["rate"]
             if "hold" in body:
@@ -230,7 +235,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{served.size}")
         self.end_headers()
-        cut = st.take_cut()
+        cut = st.take_cut(served.path)
         budget = length if cut is None else min(cut, length)
         began = time.monotonic()
         with open(served.disk, "rb") as f:
@@ -319,9 +324,10 @@ class HubServer:
     def reset(self) -> None:
         self._call("/__hub__/reset", {})
 
-    def faults(self, *, cut_after: int | None = None, rate: float | None = None, hold: bool = False) -> None:
-        """Set all faults at once (the defaults clear them): cut the next file download, slow, hold."""
-        self._call("/__hub__/faults", {"cut_after": cut_after, "rate": rate, "hold": hold})
+    def faults(self, *, cut_after: int | None = None, cut_file: str | None = None, rate: float | None = None,
+               hold: bool = False) -> None:
+        """Set all faults at once (the defaults clear them): cut the next download (of `cut_file`), slow, hold."""
+        self._call("/__hub__/faults", {"cut_after": cut_after, "cut_file": cut_file, "rate": rate, "hold": hold})
 
     def downloads(self, file: str | None = None) -> list[dict]:
         """The file download requests seen (of one file when given), in order."""

@@ -266,9 +266,14 @@ def download_lock(folder: Path, description: str) -> Iterator[None]:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            say(f"waiting for process {holder}, which is downloading {description} into {folder}")
+            holder = ""
+            for _ in range(20):       # the holder writes its pid right after locking: give it that moment
+                handle.seek(0)
+                holder = handle.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            say(f"waiting for process {holder or '?'}, which is downloading {description} into {folder}")
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.seek(0)
         handle.truncate()
