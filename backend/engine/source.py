@@ -4,7 +4,7 @@ A hub download lands in `<cache_dir>/<owner>/<name>/<revision>/`; once it holds 
 with no network call at all (the hub client writes each file as `<file>.incomplete` and renames it when its
 size and sha256 match the hub's listing, so a present file is whole).
 
-The first start, made solid:
+The first start:
 - progress: one line per 10% of a large file (or every 15 s when slower), on the `backend.engine.source`
   logger, or on stderr when nothing configured logging (gunicorn's master, a bare `python -c`);
 - resume: an interrupted file stays as `<file>.incomplete` in the revision folder, and the hub client
@@ -14,8 +14,9 @@ The first start, made solid:
   once: an exclusive fcntl lock next to the revision folder; the others wait, then use the complete folder
   (the kernel drops the lock of a killed process, so a crash never leaves a stale lock);
 - failures are a ModelNotAvailableError with a stable `reason`: hub_unreachable (after at most
-  `connect_timeout` seconds), model_not_found, revision_not_found (naming the hub's revisions),
-  download_failed, incomplete_download; plus not_a_model_folder / no_such_folder for local paths.
+  `connect_timeout` seconds), model_not_found, revision_not_found (naming the hub's revisions), not_found
+  (a 404 we could not attribute), download_failed, incomplete_download; plus not_a_model_folder /
+  no_such_folder for local paths.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def format_mb(n: float) -> str:
 
 
 def progress_line(name: str, done: int, total: int, elapsed: float, fresh: int) -> str:
-    """`pytorch_model.pt: 40% (100.0 of 250.3 MB, 12.5 MB/s)`; `fresh` = bytes received in `elapsed`."""
+    """`pytorch_model.pt: 40% (100.0 MB of 250.3 MB, 12.5 MB/s)`; `fresh` = bytes received in `elapsed`."""
     pct = 100.0 * done / total if total else 100.0
     speed = f", {fresh / _MB / elapsed:.1f} MB/s" if elapsed > 0 and fresh > 0 else ""
     return f"{name}: {pct:.0f}% ({format_mb(done)} of {format_mb(total)}{speed})"
@@ -140,11 +141,11 @@ class FileProgress:
     step_pct: int = 10
     every_s: float = 15.0
     min_size: int = _MB
-    done: int = 0
-    _baseline: int = 0
-    _started: float = field(default=0.0)
-    _last_step: int = 0
-    _last_time: float = 0.0
+    done: int = field(default=0, init=False)
+    _baseline: int = field(default=0, init=False, repr=False)
+    _started: float = field(default=0.0, init=False, repr=False)
+    _last_step: int = field(default=0, init=False, repr=False)
+    _last_time: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._started = self._last_time = self.clock()
@@ -246,7 +247,9 @@ def _not_found_error(model_id: str, revision: str, folder: Path) -> ModelNotAvai
                 f"the ModelScope hub ({hub_endpoint()}) has no model {model_id!r}: check M2FP_MODEL "
                 f"(a hub id such as damo/cv_resnet101_image-multiple-human-parsing, or a local folder)",
                 "model_not_found")
-        return _unavailable(model_id, revision, folder, "the hub answered 404 (not found)", "model_not_found")
+        return ModelNotAvailableError(
+            f"the ModelScope hub ({hub_endpoint()}) has no {model_id}@{revision} (HTTP 404): check M2FP_MODEL and "
+            f"M2FP_MODEL_REVISION", "not_found")
     listed = ", ".join(str(r) for r in revisions if r) or "none"
     return ModelNotAvailableError(
         f"model {model_id} on the ModelScope hub ({hub_endpoint()}) has no revision {revision!r} "
