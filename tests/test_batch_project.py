@@ -11,8 +11,7 @@ import uuid
 from pathlib import Path
 
 from redis import Redis
-from rq import Queue
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 
 from backend.batch import jobs, project
 from testing.label_studio import create_project, import_tasks, import_uploads
@@ -132,8 +131,8 @@ def test_project_through_two_workers_posts_each_task_once_and_a_bad_task_fails_a
     # A race: one task enqueued twice under different job ids (as two CLI runs on two machines would).
     run = project.ProjectRun(project_id, CONFIG, parser.version, label_studio.url)
     first = next(t for t in tasks if t.id == good_ids[0])
-    Queue(QUEUE, connection=connection).enqueue(
-        jobs.project_task_job, {"id": first.id, "image_url": first.data["image"]},
+    jobs.queue_for(connection, QUEUE).enqueue(
+        jobs.project_task_job, {"id": first.id, "data": first.data},
         {"project_id": run.project_id, "label_config": run.label_config, "model_version": run.model_version,
          "ls_url": run.ls_url}, job_id="m2fp-duplicate-of-first-task", job_timeout=300)
 
@@ -154,9 +153,9 @@ def test_project_through_two_workers_posts_each_task_once_and_a_bad_task_fails_a
         assert summary["failed"] == 1 and summary["failures"][0]["item"] == f"task {bad_id}", summary
         # LS answers 500 (not 404) for a missing upload; either way the reason names the error and the URL.
         reason = summary["failures"][0]["reason"]
-        assert reason.startswith("Image") and "does-not-exist.jpg" in reason, reason
+        assert reason.split(":")[0] in ("fetch", "not_found") and "does-not-exist.jpg" in reason, reason
         # Every good task has exactly one prediction of our version, the duplicate job included.
-        duplicate = Job.fetch("m2fp-duplicate-of-first-task", connection=connection)
+        duplicate = jobs.fetch_job("m2fp-duplicate-of-first-task", connection)
         deadline = time.monotonic() + 120
         while duplicate.get_status() not in (JobStatus.FINISHED, JobStatus.FAILED) and time.monotonic() < deadline:
             time.sleep(0.5)
