@@ -5,6 +5,8 @@ and pixel (row r, col c) is the square [c, c+1] x [r, r+1]. A pixel belongs to t
 (c + 0.5, r + 0.5) is inside, which is how backend.geometry traces its rings (an exact ring rasterises back to
 its mask bit for bit).
 
+A centre exactly on an edge follows the top-left rule (see ON_EDGE_PX).
+
 Fill rule: non-zero winding, the default of the HTML canvas that draws Label Studio's regions. Our polygons cut
 holes out with zero-width slits (outer ring clockwise, hole ring counter-clockwise, joined out and back along one
 segment), so both rules give the same pixels for them; they differ only for polygons an annotator made
@@ -21,6 +23,10 @@ import numpy as np
 
 NONZERO = "nonzero"
 EVENODD = "evenodd"
+# A pixel centre this close to an edge counts as on it. Traced outlines have many 45-degree edges through pixel
+# centres; left to float noise those pixels would flip at random. On-edge centres follow the top-left rule of GPU
+# rasterisers instead: in on a left or top edge, out on a right or bottom one.
+ON_EDGE_PX = 1e-6
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ def fill_polygon(ring: np.ndarray, width: int, height: int, rule: str = NONZERO)
     t = (row + 0.5 - p[edge, 1]) / (q[edge, 1] - p[edge, 1])
     x = p[edge, 0] + t * (q[edge, 0] - p[edge, 0])
     direction = np.where(q[edge, 1] > p[edge, 1], 1, -1).astype(np.int32)
-    col = np.clip(np.ceil(x - 0.5).astype(np.int64), c0, c1) - c0
+    col = np.clip(np.ceil(x - 0.5 - ON_EDGE_PX).astype(np.int64), c0, c1) - c0
     acc = np.zeros((r1 - r0, c1 - c0 + 1), dtype=np.int32)
     np.add.at(acc, (row - r0, col), direction if rule == NONZERO else 1)
     winding = np.cumsum(acc, axis=1)[:, :-1]

@@ -23,7 +23,6 @@ from backend.export.source import ALL, Item, Selection, choose, ensure_results, 
 log = logging.getLogger("m2fp.export")
 
 SUMMARY_FILE = "export_summary.json"
-TASK_FIELDS = "id,data,annotations,predictions,total_annotations,total_predictions"
 
 
 @dataclass
@@ -100,7 +99,7 @@ def run_export(client: Any, project_id: int, image_key: str, class_map: ClassMap
         summary.skipped.append(s)
         report(s.line())
 
-    for task in list_tasks(client, project_id, fields=TASK_FIELDS):
+    for task in list_tasks(client, project_id):
         summary.tasks += 1
         task_id = int(task["id"])
         try:

@@ -91,7 +91,9 @@ def ensure_results(client: Any, task: dict, selection: Selection) -> dict:
     """The task with its annotations/predictions, asking for them when the task listing left them out."""
     key = "predictions" if selection.predictions else "annotations"
     counted = task.get("total_predictions" if selection.predictions else "total_annotations")
-    if task.get(key) or not counted:
+    listed = task.get(key) or []
+    # Some task listings serialise annotations as bare ids: a holder without "result" must be fetched.
+    if (listed and all(isinstance(h, dict) and "result" in h for h in listed)) or (not listed and not counted):
         return task
     if selection.predictions:
         fetched = client.predictions.list(task=task["id"])
