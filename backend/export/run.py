@@ -34,11 +34,13 @@ class ExportSummary:
     regions: int = 0
     persons: int = 0
     ignored_results: int = 0
+    unlabelled: Counter = field(default_factory=Counter)    # tasks with nothing to export, by reason
     skipped: list[Skip] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"format": self.format, "tasks": self.tasks, "samples": self.samples, "splits": dict(self.splits),
                 "regions": self.regions, "persons": self.persons, "ignored_results": self.ignored_results,
+                "tasks_without_labels": dict(self.unlabelled),
                 "skipped_by_reason": dict(Counter(s.reason for s in self.skipped)),
                 "skipped": [{"reason": s.reason, "detail": s.detail, "task_id": s.task_id,
                              "source_id": s.annotation_id, "region_id": s.region_id} for s in self.skipped]}
@@ -48,6 +50,8 @@ class ExportSummary:
         head = (f"exported {self.samples} samples ({self.splits.get('train', 0)} train, "
                 f"{self.splits.get('val', 0)} val) from {self.tasks} tasks as {self.format}: "
                 f"{self.regions} regions, {self.persons} persons")
+        if self.unlabelled:
+            head += " (tasks left out: " + ", ".join(f"{n} {r}" for r, n in sorted(self.unlabelled.items())) + ")"
         if not reasons:
             return head + "; nothing skipped"
         return head + "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
@@ -109,7 +113,8 @@ def run_export(client: Any, project_id: int, image_key: str, class_map: ClassMap
             continue
         holders, why = choose(task, selection)
         if not holders:
-            skip(Skip(why or "nothing_to_export", "nothing to export for this task", task_id))
+            # Not an error: unlabelled tasks are normal in a project being annotated; counted, not listed.
+            summary.unlabelled[why or "nothing_to_export"] += 1
             continue
         url = task_image_url(task, image_key)
         try:
