@@ -127,10 +127,13 @@ def compose(parts: Sequence[Region], person_regions: Sequence[Region], width: in
         category[rows, cols][patch.mask] = parts[i].class_index
         human[rows, cols][patch.mask] = part_persons[i]
     # Part instances = distinct (person, class) pairs among the painted pixels, ordered by person then class.
-    key = human.astype(np.int64) * 256 + category
-    present = np.unique(key[category > 0])
+    # (A count per key, not np.unique: no sort of two million pixels.)
+    key = human.astype(np.int32) * 256 + category
+    counts = np.bincount(key.ravel(), minlength=256 * (len(persons) + 1))
+    counts[::256] = 0                                   # class 0: background, whatever the person
+    present = np.flatnonzero(counts)
     instances = tuple(PartInstance(k + 1, int(v % 256), int(v // 256)) for k, v in enumerate(present.tolist()))
-    lookup = np.zeros(int(present.max()) + 1 if present.size else 1, dtype=_dtype(len(instances)))
+    lookup = np.zeros(counts.size, dtype=_dtype(len(instances)))
     lookup[present] = np.arange(1, len(instances) + 1)
-    instance = lookup[np.where(category > 0, key, 0)]
+    instance = lookup[key]
     return Composition(width, height, category, human, instance, instances, tuple(persons), part_persons)
