@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -85,7 +86,12 @@ def export_command(args: argparse.Namespace) -> int:
         raise ExportUsageError("--val-fraction must be within [0, 1]")
     if args.model_version and not args.predictions:
         raise ExportUsageError("--model-version only applies with --predictions")
+    if args.predictions and (args.only_reviewed or args.annotations != "latest"):
+        raise ExportUsageError("--predictions exports predictions: --only-reviewed and --annotations do not apply")
     settings = dataclasses.replace(get_settings(), label_studio_url=args.ls_url, label_studio_api_key=args.api_key)
+    if not getattr(args, "verbose", False):
+        # One INFO line per API page and image would bury the skip lines this command is read for.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     from label_studio_sdk.client import LabelStudio
 
     client = LabelStudio(base_url=args.ls_url, api_key=args.api_key, timeout=120)
