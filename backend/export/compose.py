@@ -3,7 +3,8 @@
 Persons. Regions labelled as persons that carry the same `meta.person` are one person (the backend writes one
 polygon per connected piece, all with the person's index); a person region without `meta.person` (drawn by hand)
 is a person of its own. Output person ids are 1..N: persons with a `meta.person` first in that index's order,
-then hand-drawn ones in result order.
+then hand-drawn ones in result order, then persons known only from their parts' `meta.person` (their own region
+was deleted).
 
 Which person a part belongs to:
   1. its `meta.person`, when it has one (also when that person's own region was deleted: the part keeps it);
