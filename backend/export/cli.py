@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from backend.errors import describe
 from backend.settings import Settings, get_settings
 
 OUR_OUTPUTS = ("Training", "Validation", "images", "annotations", "classes.txt", "classes.json", "palette.txt",
@@ -69,11 +70,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
-
-
 def export_command(args: argparse.Namespace) -> int:
     from backend.export.labels import build_class_map
     from backend.export.run import SUMMARY_FILE, run_export
@@ -99,7 +95,7 @@ def export_command(args: argparse.Namespace) -> int:
         project = client.projects.get(id=args.project_id)
         label_config = str(project.label_config or "")
     except Exception as exc:
-        raise ExportUsageError(f"cannot read project {args.project_id} at {args.ls_url}: {_describe(exc)}") from exc
+        raise ExportUsageError(f"cannot read project {args.project_id} at {args.ls_url}: {describe(exc)}") from exc
     try:
         class_map = build_class_map(label_config, settings, args.classes)
     except ValueError as exc:  # LabelConfigError
