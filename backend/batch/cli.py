@@ -3,6 +3,7 @@
     m2fp-prelabel folder IMAGES_DIR --label-config config.xml --out OUT_DIR [--masks] [--overlays]
     m2fp-prelabel project PROJECT_ID --ls-url URL --api-key KEY [--enqueue | --local]
     m2fp-prelabel worker [--redis-url URL] [--queue NAME]
+    m2fp-prelabel export PROJECT_ID --format cihp|coco --out DIR   (annotations as a training set: backend/export)
 
 Exit status: 0 when every item succeeded (or was already done), 1 when any failed or was left unfinished,
 2 for a usage error (bad labeling config, unknown project, empty folder, unreachable Redis).
@@ -300,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-json", default="", help="also write the summary to this file")
     _add_queue_arguments(p, settings)
     p.set_defaults(func=cmd_project)
+
+    p = sub.add_parser("export", help="export a project's annotations as a training set (CIHP layout or COCO)")
+    from backend.export import cli as export_cli
+
+    export_cli.add_arguments(p, settings)
 
     p = sub.add_parser("worker", help="run an RQ worker for batch jobs (model loaded once)")
     worker_cli.add_arguments(p)
