@@ -2,7 +2,7 @@
 random-weight models built once per machine.
 
 Fixture names are an interface the test modules rely on: `model_dir`, `plain_model_dir`, `parser`,
-`sample_images`, `redis_server`, `label_studio`, `backend_server`. Model folders are built once by
+`sample_images`, `redis_server`, `label_studio`, `backend_server`, `s3_server`. Model folders are built once by
 testing/random_model.py into $M2FP_CACHE/models/<variant>-<hash>/ and reused (building one takes a minute of CPU).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from testing.backend_server import BackendServer, start_backend
 from testing.label_studio import start_label_studio
 from testing.random_model import cached_model, make_sample_image
 from testing.redis_server import RedisServer
+from testing.s3_server import S3Server, start_s3_server
 
 
 # name -> (width, height): landscape VGA, landscape HD and a portrait, so resizing, padding and
@@ -77,6 +78,17 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory):
     finally:
         server.stop()
 
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+    """The session's S3-compatible server (moto, testing/s3_server.py): endpoint, client(), put_images(),
+    requests() (what it received); use a bucket of your own."""
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
