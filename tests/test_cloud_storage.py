@@ -19,8 +19,8 @@ from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode
 from backend import storage_uris as su
 from backend.images import ImageFetcher
 from backend.settings import Settings
-from testing.label_studio import (connect_ml_backend, create_project, import_s3_storage, import_tasks,
-                                  predictions_of, retrieve_predictions)
+from testing.label_studio import (connect_ml_backend, create_project, import_gcs_storage, import_s3_storage,
+                                  import_tasks, predictions_of, retrieve_predictions, start_label_studio)
 from testing.random_model import make_sample_image
 from testing.workers import base_env
 
@@ -257,8 +257,16 @@ def test_retrieve_predictions_for_s3_projects_presigned_and_proxied(label_studio
     assert predictions_of(ls, azure[0]) == []
     log = backend.log_text()
     assert f"task {azure[0]}: no prediction (not_found)" in log and "azure-blob://no-such-container" in log, log[-3000:]
+    # A hand-made request: a cloud URI in a task without an id cannot be resolved, and says so.
+    uri = _raw_uri(ls, presign_tasks[0])
+    answer = requests.post(backend.url + "/predict", timeout=120, json={
+        "tasks": [{"data": {"image": uri}}, {"id": presign_tasks[0], "data": {"image": uri}}], "label_config": CONFIG})
+    results = answer.json()["results"]
+    assert results[0] == [] and results[1]["result"], results
+    assert f"no prediction (no_task_id): {uri}" in backend.log_text()
     metrics = requests.get(backend.url + "/metrics", timeout=30).json()
-    assert metrics["failures"] == {"not_found": 1} and metrics["predictions"] == 2 * len(IMAGES), metrics
+    assert metrics["failures"] == {"not_found": 1, "no_task_id": 1}, metrics
+    assert metrics["predictions"] == 2 * len(IMAGES) + 1, metrics
 
 
 def test_project_mode_reads_s3_tasks(label_studio, s3_server, model_dir: Path, redis_server, tmp_path: Path) -> None:
@@ -276,3 +284,33 @@ def test_project_mode_reads_s3_tasks(label_studio, s3_server, model_dir: Path, r
     assert result["total"] == 1 and result["done"] + result["cached"] == 1, result
     stored = predictions_of(label_studio, tid)
     assert len(stored) == 1 and stored[0]["result"], stored
+
+
+# ---------------------------------------------------------------- GCS (emulator) and Azure (by URI)
+
+@pytest.fixture(scope="module")
+def gcs_label_studio(gcs_server, tmp_path_factory):
+    """A Label Studio of its own whose GCS client talks to the emulator (the variables must be set at start)."""
+    server = start_label_studio(tmp_path_factory.mktemp("ls-gcs"), extra_env=gcs_server.label_studio_env())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_gcs_images_are_read_through_label_studio(gcs_label_studio, gcs_server) -> None:
+    ls = gcs_label_studio
+    gcs_server.put_images("gcs-images", IMAGES)
+    project = create_project(ls, CONFIG, title="gcs proxy")
+    task_ids = import_gcs_storage(ls, project, "gcs-images", expected=len(IMAGES))
+    fetcher = _fetcher(ls)
+    for tid in task_ids:
+        uri = _raw_uri(ls, tid)
+        assert uri.startswith("gs://gcs-images/")
+        assert fetcher.fetch(uri, task_id=tid) == IMAGES[uri.split("/", 3)[-1]]
+    # An object gone from the bucket: Label Studio's proxy cannot stream it.
+    gcs_server.delete("gcs-images", "people/two.jpg")
+    missing = next(t for t in task_ids if _raw_uri(ls, t).endswith("two.jpg"))
+    with pytest.raises(su.StorageError) as info:
+        fetcher.fetch("gs://gcs-images/people/two.jpg", task_id=missing)
+    assert info.value.reason == "storage" and "gs://gcs-images/people/two.jpg" in str(info.value)
