@@ -227,8 +227,8 @@ class ImageFetcher:
             response = self._request(presigned.url, {"User-Agent": "m2fp-prelabel"})
             with response:
                 if response.status_code >= 300:
-                    code = storage_uris.storage_error_code(next(response.iter_content(4096), b""))
-                    raise storage_uris.presigned_error(presigned, response.status_code, code)
+                    raise storage_uris.presigned_error(presigned, response.status_code,
+                                                       storage_uris.storage_error_code(_error_body(response)))
                 return self._read_body(response, presigned.url)
         except InputError as exc:
             if presigned.url not in str(exc):
@@ -340,6 +340,14 @@ class ImageFetcher:
                 raise ImageFetchError(f"{refresh_url}: unexpected answer {response.text[:200]!r}") from None
             self._token = _AccessToken(access, _jwt_expiry(access))
             return access
+
+
+def _error_body(response: requests.Response, limit: int = 4096) -> bytes:
+    """The start of an error answer (for its error code); nothing when even that cannot be read."""
+    try:
+        return next(response.iter_content(limit), b"")
+    except requests.RequestException:
+        return b""
 
 
 def _short(exc: BaseException) -> str:
