@@ -165,7 +165,7 @@ class Predictor:
                 data = images.get(image.data_key) if images is not None else None
                 if data is None:
                     url = _image_url(task, image.data_key)
-                    data = (fetcher or self.fetcher).fetch(url)
+                    data = (fetcher or self.fetcher).fetch(url, task_id=task_id)
                 results.extend(self._image_results(data, image, outcome))
                 url = None
             outcome.prediction = build_prediction(results, self.model_version, plan.label_config)
