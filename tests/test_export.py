@@ -193,6 +193,17 @@ def test_selection_latest_all_reviewed_and_predictions() -> None:
 # ---------------------------------------------------------------- round trip through a real Label Studio
 
 
+@pytest.fixture(scope="module", autouse=True)
+def export_model(model_dir: Path):
+    """The export maps labels back to the classes of the model M2FP_MODEL names (its configuration.json):
+    the in-process CLI reads the settings from the environment, so point them at the test model."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("M2FP_MODEL", str(model_dir))
+        get_settings.cache_clear()
+        yield
+    get_settings.cache_clear()
+
+
 def _export(ls: LabelStudioServer, project: int, fmt: str, out: Path, *extra: str) -> dict:
     code = cli_main(["export", str(project), "--format", fmt, "--out", str(out), "--ls-url", ls.url,
                      "--api-key", ls.token, "--val-fraction", "0", *extra])

@@ -169,14 +169,13 @@ def _model_classes(settings: Settings) -> tuple[str, ...]:
     """The model's classes from its configuration.json, without loading the weights: the config is checked
     against what this model really predicts before anything slow starts (and the legend files need them when
     workers, not this process, load the model)."""
-    from backend.engine import load_config
-    from backend.engine.source import ModelNotAvailableError, resolve
+    from backend.engine.source import ModelNotAvailableError
+    from backend.runtime import model_classes
 
     try:
-        source = resolve(settings.model, revision=settings.model_revision, cache_dir=settings.model_cache_dir)
+        return model_classes(settings)
     except ModelNotAvailableError as exc:
         raise UsageError(f"cannot read the model's classes: {exc}") from exc
-    return tuple(load_config(source.path).classes)
 
 
 def _check_label_config(label_config: str, settings: Settings, classes: tuple[str, ...]) -> ConfigPlan:

@@ -96,8 +96,15 @@ def export_command(args: argparse.Namespace) -> int:
         label_config = str(project.label_config or "")
     except Exception as exc:
         raise ExportUsageError(f"cannot read project {args.project_id} at {args.ls_url}: {describe(exc)}") from exc
+    from backend.engine.source import ModelNotAvailableError
+    from backend.runtime import model_classes
+
     try:
-        class_map = build_class_map(label_config, settings, args.classes)
+        classes = model_classes(settings)
+    except ModelNotAvailableError as exc:
+        raise ExportUsageError(f"cannot read the model's classes (M2FP_MODEL): {exc}") from exc
+    try:
+        class_map = build_class_map(label_config, settings, args.classes, model_classes=classes)
     except ValueError as exc:  # LabelConfigError
         raise ExportUsageError(f"project {args.project_id}: labeling config: {exc}") from exc
     if not class_map.image_key:

@@ -65,7 +65,7 @@ class ClassMap:
 
 
 def build_class_map(label_config: str, settings: Settings, mode: str = MODEL,
-                    model_classes: Sequence[str] = DEFAULT_CLASSES) -> ClassMap:
+                    model_classes: Sequence[str] = DEFAULT_CLASSES) -> ClassMap:  # the CLI passes the model's own
     """The ClassMap of a project's config; raises backend.ls_config.LabelConfigError for an unusable config."""
     if mode not in (MODEL, PROJECT):
         raise ValueError(f"classes mode must be {MODEL!r} or {PROJECT!r}, got {mode!r}")
