@@ -2,7 +2,7 @@
 
 Convention for benchmark scripts (follow it when adding one):
   - A benchmark is `benchmarks/bench_<name>.py`, runnable on its own with the product venv and no
-    arguments: `.venv/bin/python benchmarks/bench_<name>.py`. Defaults are the figures we publish.
+    arguments: `.venv/bin/python -m benchmarks.bench_<name>`. Defaults are the figures we publish.
   - It measures against a reference IN THE SAME RUN and reports ratios (the machine is shared and noisy;
     absolute seconds from different runs do not compare). It states its settings: threads, allocator
     (`MALLOC_*`) environment, image sizes, repeats, what the reference is.
