@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("m2fp.offload")
 
 _ACTIVE = {"queued", "started", "scheduled", "deferred"}
-WORKER_CHECK_EVERY_S = 5.0     # how long a "no worker listens" answer is trusted (one SCARD otherwise per request)
+# Queuing a job costs ~1 ms: up to this many tasks the webhook queues them itself within Label Studio's 1 s; a
+# bigger import (Label Studio sends up to 5000 tasks per event) is handed whole to a worker as one job.
+FANOUT_ABOVE = 200
+WORKER_CHECK_EVERY_S = 5.0     # how long "no worker listens" (or "Redis is down") is trusted before asking again
 
 
 def project_id_of(value: Any) -> int | None:
@@ -106,6 +109,24 @@ def enqueue_project_tasks(queue: Any, run: ProjectRun, tasks: Sequence[ProjectTa
     return out
 
 
+def fanout_job(tasks: list[dict], run: dict, source: str) -> dict:
+    """Worker side of a big TASKS_CREATED: queue one project job per task on the queue this job came from."""
+    from rq import get_current_job
+
+    from backend.batch.jobs import queue_for
+    from backend.batch.project import ProjectRun, ProjectTask
+    from backend.settings import get_settings
+
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("fanout_job runs on an RQ worker")
+    settings = get_settings()
+    result = enqueue_project_tasks(queue_for(job.connection, job.origin), ProjectRun(**run),
+                                   [ProjectTask(**t) for t in tasks], source, replace_finished=False,
+                                   job_timeout=settings.batch_job_timeout, retries=settings.batch_retries)
+    return {"queued": len(result.queued), "attached": len(result.attached)}
+
+
 class Offload:
     """The server's side of offloading; one per app (holds its Redis connection, made on first use)."""
 
@@ -128,7 +149,7 @@ class Offload:
         with self._lock:
             if self._connection is None:
                 # rq stores bytes (no decode_responses); short timeouts: Label Studio waits on these requests.
-                self._connection = Redis.from_url(self.settings.redis_url, socket_timeout=5,
+                self._connection = Redis.from_url(self.settings.redis_url, socket_timeout=3,
                                                   socket_connect_timeout=2, health_check_interval=30)
             return queue_for(self._connection, self.settings.rq_queue)
 
@@ -175,6 +196,8 @@ class Offload:
                if isinstance(t, Mapping) and isinstance(t.get("id"), int) and not t.get("total_annotations")]
         run = self._run(project_id, label_config)
         try:
+            if len(new) > FANOUT_ABOVE:
+                return self._fanout(action, run, new), 200
             result = self._enqueue(self.queue(), run, new, "import", replace_finished=False)
         except Exception as exc:  # noqa: BLE001 - Redis down: say so to Label Studio's log and ours
             log.error("TASKS_CREATED for project %s: cannot queue %d tasks: %s", project_id, len(new), describe(exc))
@@ -183,6 +206,29 @@ class Offload:
                  len(result.queued), len(result.attached))
         return {"status": "queued", "action": action, "project": project_id, "queued": len(result.queued),
                 "attached": len(result.attached)}, 200
+
+    def _fanout(self, action: str, run: ProjectRun, tasks: list[ProjectTask]) -> dict:
+        from rq import Retry
+
+        from backend.batch.jobs import RESULT_TTL_S, _statuses, stable_job_id
+
+        ids = ",".join(str(t.id) for t in tasks)
+        job_id = stable_job_id("fanout", run.ls_url, run.project_id, run.model_version, run.label_config, ids)
+        queue = self.queue()
+        if _statuses(queue.connection, [job_id]).get(job_id) in _ACTIVE | {"finished"}:
+            # The same event again: its tasks are (being) queued already.
+            return {"status": "queued", "action": action, "project": run.project_id, "queued": 0,
+                    "attached": len(tasks), "fanout_job": job_id}
+        job = queue.enqueue(
+            fanout_job, [dataclasses.asdict(t) for t in tasks], dataclasses.asdict(run), "import",
+            job_id=job_id,
+            job_timeout=self.settings.batch_job_timeout, result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S,
+            retry=Retry(max=self.settings.batch_retries) if self.settings.batch_retries > 0 else None,
+            description=f"queue {len(tasks)} tasks of project {run.project_id}")
+        log.info("TASKS_CREATED project=%s tasks=%d: handed to a worker to queue (job %s)", run.project_id,
+                 len(tasks), job.id)
+        return {"status": "queued", "action": action, "project": run.project_id, "queued": len(tasks),
+                "attached": 0, "fanout_job": job.id}
 
     # ----------------------------------------------------------- POST /predict
 
@@ -213,6 +259,8 @@ class Offload:
 
             if not isinstance(exc, RedisError):
                 raise
+            # Not asked again for a while: a Redis outage must not slow every /predict by a timeout.
+            self._no_worker_until = time.monotonic() + WORKER_CHECK_EVERY_S
             log.warning("/predict project=%s: queue unavailable (%s), predicting in the request", project_id,
                         describe(exc))
             return None

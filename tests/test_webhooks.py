@@ -284,3 +284,38 @@ def test_project_mode_skip_annotated_and_force(stack: Stack, label_studio, tmp_p
     for task_id in task_ids[1:]:
         (old,), (new,) = first[task_id], second[task_id]
         assert new["id"] != old["id"] and new["model_version"] == old["model_version"]
+
+
+def test_a_big_import_is_handed_whole_to_one_job_that_queues_every_task(redis_server, parser) -> None:
+    """Label Studio sends up to 5000 tasks per TASKS_CREATED and waits 1 s: past FANOUT_ABOVE the webhook queues
+    one job, and that job (run here as a worker runs it) queues the per-task jobs, with their progress records."""
+    from backend.batch.jobs import queue_for
+    from backend.offload import FANOUT_ABOVE, Offload
+    from backend.runtime import build_runtime
+    from backend.settings import Settings
+
+    url = redis_server.url_for(10)
+    connection = Redis.from_url(url)
+    connection.flushdb()
+    settings = Settings(redis_url=url, rq_queue="m2fp-fanout-test", label_studio_url="http://ls.invalid")
+    runtime = build_runtime(parser, settings)
+    offload = Offload(settings, lambda: runtime)
+    tasks = [{"id": i, "data": {"image": f"/data/upload/77/{i}.jpg"}} for i in range(1, FANOUT_ABOVE + 2)]
+    event = {"action": "TASKS_CREATED", "project": {"id": 77, "label_config": CONFIG}, "tasks": tasks}
+
+    answer, code = offload.webhook(event)
+    assert code == 200 and answer["queued"] == len(tasks), answer
+    queue = queue_for(connection, "m2fp-fanout-test")
+    assert queue.job_ids == [answer["fanout_job"]]
+    assert fetch_job(answer["fanout_job"], connection).perform() == {"queued": len(tasks), "attached": 0}
+    assert len(queue) == 1 + len(tasks)
+    status = tracking.project_status(connection, 77, runtime.version)
+    assert (status.total, status.queued, status.by_source) == (len(tasks), len(tasks), {"import": len(tasks)})
+
+    # The same event again: nothing new is queued, neither a second fan-out nor any task twice.
+    again, _ = offload.webhook(event)
+    assert again["fanout_job"] == answer["fanout_job"] and again["attached"] == len(tasks), again
+    assert len(queue) == 1 + len(tasks)
+    # And should the fan-out job run twice (retried after its worker died), every task attaches to its job.
+    assert fetch_job(answer["fanout_job"], connection).perform() == {"queued": 0, "attached": len(tasks)}
+    assert len(queue) == 1 + len(tasks)

@@ -27,7 +27,8 @@ ACTIVE_STATUSES = {"queued", "started", "scheduled", "deferred"}
 # Jobs travel as JSON, never pickle: anyone who can write to Redis could otherwise make a worker run code while
 # it merely reads a job. And a worker runs only these functions, whatever a forged job names.
 SERIALIZER = JSONSerializer
-ALLOWED_FUNCTIONS = frozenset({"backend.batch.jobs.folder_image_job", "backend.batch.jobs.project_task_job"})
+ALLOWED_FUNCTIONS = frozenset({"backend.batch.jobs.folder_image_job", "backend.batch.jobs.project_task_job",
+                               "backend.offload.fanout_job"})
 
 
 class ForbiddenJobError(Exception):

@@ -232,7 +232,6 @@ def reconcile(connection: Any, records: dict[int, TaskRecord]) -> dict[int, Task
     job's word: an active job gives queued/running, a finished one its result, a failed or vanished one a
     failure with its reason."""
     from backend.batch import jobs
-    from rq.exceptions import NoSuchJobError
 
     open_records = {t: r for t, r in records.items() if r.state not in FINAL_STATES and r.job_id}
     if not open_records:
