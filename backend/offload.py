@@ -325,7 +325,8 @@ class Offload:
         try:
             project = runtime.ls_client(url, key).projects.get(id=project_id)
         except Exception as exc:  # noqa: BLE001 - the counts are a courtesy: report why they are missing
-            return {"error": describe(exc)}
+            code = getattr(exc, "status_code", None)
+            return {"error": f"Label Studio answered HTTP {code}" if code else describe(exc)}
         return {"tasks": getattr(project, "task_number", None),
                 "predictions": getattr(project, "total_predictions_number", None)}
 
