@@ -1,8 +1,10 @@
 """Image fetching and decoding: a task's image URL -> bytes -> a PIL RGB image, with limits.
 
 URLs a Label Studio task can carry:
-- `/data/upload/...` and other LS-relative paths (`/tasks/<id>/presign?...` for cloud storage): fetched from
-  `LABEL_STUDIO_URL` with the API key;
+- `/data/upload/...` and other LS-relative paths: fetched from `LABEL_STUDIO_URL` with the API key;
+- cloud-storage URIs (`s3://`, `gs://`, `azure-blob://`) and LS's `/tasks/<id>/resolve/?fileuri=...` form: resolved
+  by Label Studio for the task (backend/storage_uris.py); a presigned redirect target gets no token;
+- absolute URLs on `LABEL_STUDIO_HOST` (LS's public origin): fetched through `LABEL_STUDIO_URL` like relative ones;
 - `/data/local-files/?d=<path>`: read from disk under `LOCAL_FILES_DOCUMENT_ROOT` when set (no HTTP round trip,
   same path rules as LS's own view), else fetched from Label Studio like any LS-relative URL;
 - absolute `http(s)://` URLs: fetched directly; the API key is sent only when the host is Label Studio's;
@@ -32,6 +34,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend import storage_uris
 from backend.errors import InputError
 from backend.settings import Settings
 
@@ -117,13 +120,18 @@ class ImageFetcher:
 
     # ----- public -----
 
-    def fetch(self, url: str) -> bytes:
-        """The bytes behind a task's image URL, at most `image_max_bytes` of them."""
+    def fetch(self, url: str, task_id: object = None) -> bytes:
+        """The bytes behind a task's image URL, at most `image_max_bytes` of them. `task_id` (the Label Studio
+        task the URL comes from) is what lets Label Studio resolve a cloud-storage URI."""
         if not isinstance(url, str) or not url.strip():
             raise ImageFetchError(f"task has no image URL (got {url!r})")
         url = url.strip()
         if url.startswith("data:"):
             return self._from_data_uri(url)
+        url = storage_uris.rebase_on_label_studio(url, self._ls_url, self.settings.label_studio_host)
+        resolve = storage_uris.ls_resolve_target(url, task_id, self._ls_url, self.settings.label_studio_host)
+        if resolve is not None:
+            return self._from_ls_resolve(resolve)
         parsed = urlparse(url)
         if parsed.scheme in ("http", "https"):
             if self._is_ls_url(parsed) and self._local_file_path(parsed) is not None:
@@ -131,7 +139,7 @@ class ImageFetcher:
             return self._http_get(url, auth=self._is_ls_url(parsed))
         if parsed.scheme:
             raise ImageFetchError(f"{url}: unsupported URL scheme {parsed.scheme!r} (expected http(s), "
-                                  "an LS-relative /data/... URL or a data: URI)")
+                                  "an LS-relative /data/... URL, s3:// gs:// azure-blob:// or a data: URI)")
         local = self._local_file_path(parsed)
         if local is not None:
             return self._read_local(local, url)
@@ -190,6 +198,43 @@ class ImageFetcher:
         self._check_size(len(data), "data: URI")
         return data
 
+    # ----- cloud storage, through Label Studio -----
+
+    def _from_ls_resolve(self, target: storage_uris.LsResolve) -> bytes:
+        """Label Studio's resolve endpoint: the bytes it proxies, or its 303 to a presigned URL, followed here
+        (not by requests) so that the token never goes to the storage host."""
+        headers = {"User-Agent": "m2fp-prelabel"}
+        if self._api_key:
+            headers["Authorization"] = self._auth_header(force_refresh=False)
+        response = self._request(target.url, headers, allow_redirects=False)
+        if response.status_code == 401 and self._is_pat:
+            response.close()
+            headers["Authorization"] = self._auth_header(force_refresh=True)
+            response = self._request(target.url, headers, allow_redirects=False)
+        with response:
+            if response.status_code in storage_uris.REDIRECT_STATUSES:
+                presigned = storage_uris.presigned_target(target, response.headers.get("Location"))
+            else:
+                error = storage_uris.resolve_error(target, response.status_code, bool(self._api_key))
+                if error is not None:
+                    raise error
+                return self._read_body(response, target.url)
+        return self._from_presigned(presigned)
+
+    def _from_presigned(self, presigned: storage_uris.PresignedUrl) -> bytes:
+        """The storage's own URL that Label Studio redirected to: no token, and never the signed URL in a message."""
+        try:
+            response = self._request(presigned.url, {"User-Agent": "m2fp-prelabel"})
+            with response:
+                if response.status_code >= 300:
+                    raise storage_uris.presigned_error(presigned, response.status_code,
+                                                       storage_uris.storage_error_code(_error_body(response)))
+                return self._read_body(response, presigned.url)
+        except InputError as exc:
+            if presigned.url not in str(exc):
+                raise
+            raise type(exc)(str(exc).replace(presigned.url, presigned.shown), reason=exc.reason) from None
+
     # ----- HTTP -----
 
     def _is_ls_url(self, parsed) -> bool:
@@ -225,10 +270,10 @@ class ImageFetcher:
                 raise ImageFetchError(f"{url}: HTTP {status} {response.reason or ''}".rstrip())
             return self._read_body(response, url)
 
-    def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
+    def _request(self, url: str, headers: dict[str, str], allow_redirects: bool = True) -> requests.Response:
         try:
             return self._session().get(
-                url, headers=headers, stream=True,
+                url, headers=headers, stream=True, allow_redirects=allow_redirects,
                 timeout=(self.settings.image_connect_timeout, self.settings.image_read_timeout))
         except requests.Timeout as exc:
             raise ImageFetchError(f"{url}: timed out ({type(exc).__name__})") from None
@@ -295,6 +340,14 @@ class ImageFetcher:
                 raise ImageFetchError(f"{refresh_url}: unexpected answer {response.text[:200]!r}") from None
             self._token = _AccessToken(access, _jwt_expiry(access))
             return access
+
+
+def _error_body(response: requests.Response, limit: int = 4096) -> bytes:
+    """The start of an error answer (for its error code); nothing when even that cannot be read."""
+    try:
+        return next(response.iter_content(limit), b"")
+    except requests.RequestException:
+        return b""
 
 
 def _short(exc: BaseException) -> str:

@@ -34,7 +34,7 @@ from backend.cache import ParsingCache, image_digest
 from backend.engine.types import Parsing
 from backend.errors import InputError, describe, reason_of
 from backend.images import ImageFetcher, decode_image
-from backend.ls_config import DEFAULT_CLASSES, ControlSpec, LabelConfigError, parse_label_config
+from backend.ls_config import ControlSpec, LabelConfigError, parse_label_config
 from backend.ls_results import build_prediction, parsing_to_results
 from backend.settings import Settings
 
@@ -166,7 +166,7 @@ class Predictor:
                 data = images.get(image.data_key) if images is not None else None
                 if data is None:
                     url = _image_url(task, image.data_key)
-                    data = (fetcher or self.fetcher).fetch(url)
+                    data = (fetcher or self.fetcher).fetch(url, task_id=task_id)
                 results.extend(self._image_results(data, image, outcome))
                 url = None
             outcome.prediction = build_prediction(results, self.model_version, plan.label_config)
@@ -256,10 +256,9 @@ _RESULTS_CODE = _results_code_version()
 
 
 @lru_cache(maxsize=64)
-def plan_config(label_config: str, settings: Settings, classes: tuple[str, ...] = DEFAULT_CLASSES,
-                model_version: str = "") -> ConfigPlan:
-    """The plan of a config for a model with these classes and version (without a loaded model, e.g. to check
-    a config before enqueuing: the hub model's classes); LabelConfigError when it cannot be served."""
+def plan_config(label_config: str, settings: Settings, classes: tuple[str, ...], model_version: str = "") -> ConfigPlan:
+    """The plan of a config for a model with these classes and version (the CLI checks a config before loading
+    the weights, with the classes of the model's configuration.json); LabelConfigError when it cannot be served."""
     controls = parse_label_config(label_config, settings, classes)
     groups: dict[str, list[ControlSpec]] = {}
     names: dict[str, str] = {}

@@ -29,6 +29,7 @@ class Settings:
     # --- Label Studio ---
     label_studio_url: str = ""               # LABEL_STUDIO_URL: base URL used to resolve /data/... image URLs
     label_studio_api_key: str = ""           # LABEL_STUDIO_API_KEY: legacy token or personal access token
+    label_studio_host: str = ""              # LABEL_STUDIO_HOST: LS's public origin, when LS puts it in URLs
     # --- image fetching ---
     image_connect_timeout: float = 5.0       # IMAGE_CONNECT_TIMEOUT (s)
     image_read_timeout: float = 30.0         # IMAGE_READ_TIMEOUT (s)
@@ -67,6 +68,7 @@ _ENV_NAMES = {
     "threads": "M2FP_THREADS",
     "label_studio_url": "LABEL_STUDIO_URL",
     "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+    "label_studio_host": "LABEL_STUDIO_HOST",
     "image_connect_timeout": "IMAGE_CONNECT_TIMEOUT",
     "image_read_timeout": "IMAGE_READ_TIMEOUT",
     "image_max_bytes": "IMAGE_MAX_BYTES",

@@ -4,6 +4,7 @@
     m2fp-prelabel project PROJECT_ID --ls-url URL --api-key KEY [--enqueue | --local] [--force] [--skip-annotated]
     m2fp-prelabel status PROJECT_ID [--redis-url URL] [--json]
     m2fp-prelabel worker [--redis-url URL] [--queue NAME]
+    m2fp-prelabel export PROJECT_ID --format cihp|coco --out DIR   (annotations as a training set: backend/export)
 
 Exit status: 0 when every item succeeded (or was already done), 1 when any failed or was left unfinished,
 2 for a usage error (bad labeling config, unknown project, empty folder, unreachable Redis).
@@ -97,7 +98,8 @@ def cmd_folder(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot read the labeling config {args.label_config}: {exc.strerror or exc}") from exc
     settings = _settings(args)
-    plan = _check_label_config(label_config, settings)
+    classes = _model_classes(settings)
+    plan = _check_label_config(label_config, settings, classes)
     try:
         items = folder.list_items(images_dir, plan.data_keys)
     except NotADirectoryError as exc:
@@ -139,12 +141,10 @@ def cmd_folder(args: argparse.Namespace) -> int:
             jobs.wait(queue, job_ids, progress, on_result=collect)
         finally:
             summary = progress.close()
-        classes = _classes_from_workers(tasks, args, settings)
     else:
         from model import M2FPModel
 
         model = M2FPModel(label_config, runtime=_load_runtime(settings))
-        classes = list(model.runtime.classes)
         progress = Progress(len(items), desc="folder")  # after loading: the rate is the steady-state one
 
         def work(item: folder.FolderItem) -> ItemResult:
@@ -159,31 +159,32 @@ def cmd_folder(args: argparse.Namespace) -> int:
 
     ordered = [tasks[k] for k in sorted(tasks)]
     folder.remove_task_parts(out_dir)
-    if classes:
-        folder.write_legend(out_dir, classes, args.masks, args.overlays)
+    if args.masks or args.overlays:
+        folder.write_legend(out_dir, list(classes), args.masks, args.overlays)
     tasks_path = folder.write_run_files(out_dir, ordered, summary)
     print(f"wrote {len(ordered)} tasks to {tasks_path}", file=sys.stderr)
     return _finish(summary)
 
 
-def _classes_from_workers(tasks: dict, args: argparse.Namespace, settings: Settings) -> list[str]:
-    """The model's classes for the legend files. The workers loaded the model, this process did not: its
-    configuration.json says (no network weights needed)."""
-    if not (args.masks or args.overlays):
-        return []
-    from backend.engine import load_config
-    from backend.engine.source import resolve
+def _model_classes(settings: Settings) -> tuple[str, ...]:
+    """The model's classes from its configuration.json, without loading the weights: the config is checked
+    against what this model really predicts before anything slow starts (and the legend files need them when
+    workers, not this process, load the model)."""
+    from backend.engine.source import ModelNotAvailableError
+    from backend.runtime import model_classes
 
-    source = resolve(settings.model, revision=settings.model_revision, cache_dir=settings.model_cache_dir)
-    return list(load_config(source.path).classes)
+    try:
+        return model_classes(settings)
+    except ModelNotAvailableError as exc:
+        raise UsageError(f"cannot read the model's classes: {exc}") from exc
 
 
-def _check_label_config(label_config: str, settings: Settings) -> ConfigPlan:
+def _check_label_config(label_config: str, settings: Settings, classes: tuple[str, ...]) -> ConfigPlan:
     """What the config asks for, checked before loading a model or enqueuing anything."""
     from backend.predict import plan_config
 
     try:
-        return plan_config(label_config, settings)
+        return plan_config(label_config, settings, classes)
     except InputError as exc:
         raise UsageError(f"labeling config: {describe(exc)}") from exc
 
@@ -201,7 +202,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         label_config, title = project.project_label_config(client, args.project_id)
     except Exception as exc:
         raise UsageError(f"cannot read project {args.project_id} at {args.ls_url}: {describe(exc)}") from exc
-    _check_label_config(label_config, settings)
+    _check_label_config(label_config, settings, _model_classes(settings))
 
     model = None
     model_version = args.model_version
@@ -342,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="", help="default: the version of the latest queued task")
     p.add_argument("--json", action="store_true", help="the status as JSON (what the backend's endpoint answers)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="export a project's annotations as a training set (CIHP layout or COCO)")
+    from backend.export import cli as export_cli
+
+    export_cli.add_arguments(p, settings)
 
     p = sub.add_parser("worker", help="run an RQ worker for batch jobs (model loaded once)")
     worker_cli.add_arguments(p)
