@@ -270,9 +270,10 @@ class Offload:
         from backend.ls_results import build_prediction
 
         run = self._run(project_id, model.plan.label_config)
-        statuses = jobs._statuses(queue.connection, [project.task_job_id(run, t["id"]) for t in tasks])
+        job_ids = [project.task_job_id(run, t["id"]) for t in tasks]
+        statuses = jobs._statuses(queue.connection, job_ids)
         answers: list[Any] = [[] for _ in tasks]
-        has_job = [statuses.get(project.task_job_id(run, t["id"])) is not None for t in tasks]
+        has_job = [statuses.get(job_id) is not None for job_id in job_ids]
         free = [i for i, queued in enumerate(has_job) if not queued]
         cache = model.runtime.predictor.cache
         answered: dict[int, str] = {}
