@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -85,6 +85,7 @@ class TaskOutcome:
     failure: Failure | None = None
     inferences: int = 0                              # model runs for this task (0: every image came from a cache)
     parsings: dict[str, Parsing] | None = None       # per data key, only when asked for (folder mode's PNGs)
+    digests: dict[str, str] = field(default_factory=dict)  # per data key, sha256 of the image bytes used
 
     @property
     def ok(self) -> bool:
@@ -180,6 +181,7 @@ class Predictor:
     def _image_results(self, data: bytes, image: ImagePlan, outcome: TaskOutcome) -> list[dict]:
         """The result items of one image for the controls on it: results cache, else parsing (cache) + regions."""
         digest = image_digest(data)
+        outcome.digests[image.data_key] = digest
         if outcome.parsings is None:
             cached = self.cache.get_results(digest, image.variant)
             if isinstance(cached, list):

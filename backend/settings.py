@@ -55,6 +55,9 @@ class Settings:
     rq_queue: str = "m2fp"                   # RQ_QUEUE: queue the batch CLI and workers share
     batch_job_timeout: int = 600             # BATCH_JOB_TIMEOUT (s): one batch job (image/task) at most
     batch_retries: int = 2                   # BATCH_RETRIES: re-runs of a job whose worker failed or died
+    # --- offloading to the workers (backend/offload.py; needs REDIS_URL and workers on RQ_QUEUE) ---
+    predict_inline_max_tasks: int = 8        # PREDICT_INLINE_MAX_TASKS: more uncached tasks in one /predict -> queued
+    prelabel_on_import: bool = True          # PRELABEL_ON_IMPORT: queue tasks Label Studio's TASKS_CREATED announces
 
 
 _ENV_NAMES = {
@@ -86,6 +89,8 @@ _ENV_NAMES = {
     "rq_queue": "RQ_QUEUE",
     "batch_job_timeout": "BATCH_JOB_TIMEOUT",
     "batch_retries": "BATCH_RETRIES",
+    "predict_inline_max_tasks": "PREDICT_INLINE_MAX_TASKS",
+    "prelabel_on_import": "PRELABEL_ON_IMPORT",
 }
 
 

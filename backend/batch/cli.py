@@ -1,7 +1,8 @@
 """`m2fp-prelabel`: pre-label a folder of images or a whole Label Studio project, locally or through RQ workers.
 
     m2fp-prelabel folder IMAGES_DIR --label-config config.xml --out OUT_DIR [--masks] [--overlays]
-    m2fp-prelabel project PROJECT_ID --ls-url URL --api-key KEY [--enqueue | --local]
+    m2fp-prelabel project PROJECT_ID --ls-url URL --api-key KEY [--enqueue | --local] [--force] [--skip-annotated]
+    m2fp-prelabel status PROJECT_ID [--redis-url URL] [--json]
     m2fp-prelabel worker [--redis-url URL] [--queue NAME]
     m2fp-prelabel export PROJECT_ID --format cihp|coco --out DIR   (annotations as a training set: backend/export)
 
@@ -210,18 +211,20 @@ def cmd_project(args: argparse.Namespace) -> int:
 
         model = M2FPModel(label_config, runtime=_load_runtime(settings))
         model_version = model_version or model.model_version
-    pending, already = project.tasks_to_predict(client, args.project_id, model_version)
-    log.info("project %s %r: %d tasks to pre-label, %d already have model version %s",
-             args.project_id, title, len(pending), already, model_version)
-    run = project.ProjectRun(args.project_id, label_config, model_version, args.ls_url)
+    selection = project.select_tasks(client, args.project_id, model_version, force=args.force,
+                                     skip_annotated=args.skip_annotated)
+    pending, already = selection.pending, selection.already_done
+    log.info("project %s %r: %d tasks to pre-label, %d already have model version %s, %d annotated left alone",
+             args.project_id, title, len(pending), already, model_version, selection.annotated)
+    run = project.ProjectRun(args.project_id, label_config, model_version, args.ls_url, force=args.force)
     progress = Progress(len(pending), desc=f"project {args.project_id}")
 
     if args.enqueue:
         queue = _queue(args)
-        specs = [jobs.JobSpec(jobs.stable_job_id("task", args.ls_url, args.project_id, t.id, model_version,
-                                                  label_config), f"task {t.id}", jobs.project_task_job,
+        specs = [jobs.JobSpec(project.task_job_id(run, t.id), f"task {t.id}", jobs.project_task_job,
                               (dataclasses.asdict(t), dataclasses.asdict(run))) for t in pending]
         job_ids = jobs.enqueue(queue, specs, args.job_timeout, args.retries)
+        _track_queued(queue, run, pending)
         log.info("enqueued %d tasks on queue %r; waiting for workers", len(job_ids), queue.name)
         try:
             jobs.wait(queue, job_ids, progress)
@@ -239,10 +242,40 @@ def cmd_project(args: argparse.Namespace) -> int:
             summary = progress.close()
     summary_dict = summary.to_dict()
     summary_dict["already_done"] = already
+    summary_dict["annotated_skipped"] = selection.annotated
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary_dict, indent=1) + "\n")
     print(f"{already} tasks already had a prediction of {model_version}", file=sys.stderr)
     return _finish(summary)
+
+
+def _track_queued(queue: Any, run: Any, pending: list) -> None:
+    from backend.batch import project, tracking
+
+    with queue.connection.pipeline() as pipe:
+        tracking.mark_queued(pipe, run.project_id, run.model_version,
+                             {t.id: project.task_job_id(run, t.id) for t in pending}, "cli")
+        pipe.execute()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Progress of a project's queued tasks, as the backend's GET /projects/<id>/status reports it."""
+    from backend.batch import tracking
+
+    if not args.redis_url:
+        raise UsageError("status reads Redis: pass --redis-url or set REDIS_URL")
+    connection = worker_cli.redis_connection(args.redis_url)
+    try:
+        status = tracking.project_status(connection, args.project_id, args.model_version)
+    except Exception as exc:
+        raise UsageError(f"cannot read progress from Redis at {args.redis_url}: {describe(exc)}") from exc
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=1))
+    else:
+        print(status.line())
+        for failure in status.failures:
+            print(f"FAILED task {failure['task']}: {failure['reason']}")
+    return 1 if status.failed else 0
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -298,8 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "spares this process loading the model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for local mode (default: M2FP_THREADS)")
     p.add_argument("--summary-json", default="", help="also write the summary to this file")
+    p.add_argument("--force", action="store_true",
+                   help="re-predict tasks that already have a prediction of this model version (it is replaced)")
+    p.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations alone")
     _add_queue_arguments(p, settings)
     p.set_defaults(func=cmd_project)
+
+    p = sub.add_parser("status", help="progress of a project's queued tasks (webhook, /predict and --enqueue)")
+    p.add_argument("project_id", type=int)
+    p.add_argument("--redis-url", default=settings.redis_url, help="Redis of the queue (default: REDIS_URL)")
+    p.add_argument("--model-version", default="", help="default: the version of the latest queued task")
+    p.add_argument("--json", action="store_true", help="the status as JSON (what the backend's endpoint answers)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="export a project's annotations as a training set (CIHP layout or COCO)")
     from backend.export import cli as export_cli
