@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from backend.engine.types import Parsing
 from backend.images import decode_image
