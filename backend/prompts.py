@@ -206,7 +206,8 @@ def read_prompts(context: Mapping | None, label_config: str, classes: Sequence[s
         elif kind in _RECT_TYPES:
             items.append(BoxPrompt(_number(region, value, "x", n), _number(region, value, "y", n),
                                    _number(region, value, "width", n), _number(region, value, "height", n),
-                                   float(value.get("rotation") or 0.0), **common))
+                                   _number(region, value, "rotation", n) if value.get("rotation") is not None
+                                   else 0.0, **common))
         else:
             rle = value.get("rle")
             if not isinstance(rle, list) or not rle or not all(isinstance(b, int) and 0 <= b < 256 for b in rle):

@@ -155,6 +155,7 @@ def test_reading_prompts() -> None:
     ([{"type": "keypointlabels", "value": {"x": "a", "y": 1}}], "value.x must be a number"),
     ([{"type": "rectanglelabels", "value": {"x": 1, "y": 1, "width": None, "height": 2}}], "value.width"),
     ([{"type": "keypointlabels"}], "no 'value' object"),
+    ([{"type": "rectangle", "value": {"x": 1, "y": 1, "width": 2, "height": 2, "rotation": "90"}}], "value.rotation"),
     ([{"type": "brushlabels", "value": {"rle": "abc"}}], "value.rle"),
     ([{"type": "choices", "value": {"choices": ["a"]}}], "no keypoint, rectangle or brush prompt"),
     (["not a region"], "region objects"),
