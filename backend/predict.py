@@ -37,6 +37,7 @@ from backend.images import ImageFetcher, decode_image
 from backend.ls_config import DEFAULT_CLASSES, ControlSpec, LabelConfigError, parse_label_config
 from backend.ls_results import build_prediction, parsing_to_results
 from backend.prompts import Prompts, is_interactive, read_prompts, select
+from backend.recent import RecentParsings
 from backend.settings import Settings
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class Predictor:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
+        self.recent = RecentParsings()      # decoded parsings of the last images clicked on (interactive)
         self._lock = threading.Lock()
         self._tasks = 0
         self._predictions = 0
@@ -193,7 +195,12 @@ class Predictor:
             cached = self.cache.get_results(digest, image.variant)
             if isinstance(cached, list):
                 return cached
-        parsing, hit = self.parse_bytes(data, digest)
+        parsing = self.recent.get(digest) if prompts is not None else None
+        hit = parsing is not None
+        if parsing is None:
+            parsing, hit = self.parse_bytes(data, digest)
+            if prompts is not None:
+                self.recent.put(digest, parsing)
         if not hit:
             outcome.inferences += 1
         if outcome.parsings is not None:
