@@ -59,7 +59,7 @@ class M2FPModel(LabelStudioMLBase):
         caller already has them (folder mode); `ls_url` resolves Label Studio URLs when this process has no
         LABEL_STUDIO_URL of its own (workers following the CLI)."""
         return self.runtime.predictor.predict_tasks(tasks, self.plan, images=images, keep_parsings=keep_parsings,
-                                                    fetcher=self.runtime.fetcher_for(ls_url))
+                                                    fetcher=self.runtime.fetcher_for(ls_url), context=context)
 
     def fit(self, *args: Any, **kwargs: Any) -> dict:
         """Pre-labeling only: annotations never change the model."""

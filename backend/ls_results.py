@@ -12,7 +12,7 @@ Pure functions, no I/O.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
@@ -20,6 +20,9 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend.engine.types import Instance, Parsing
 from backend.geometry import mask_to_polygons, to_percent
 from backend.ls_config import ControlSpec
+
+if TYPE_CHECKING:
+    from backend.prompts import Selection
 
 PERCENT_DECIMALS = 3
 SCORE_DECIMALS = 4
@@ -90,15 +93,18 @@ def brush_rle(mask: np.ndarray) -> list[int]:
 
 # ---------------------------------------------------------------- results
 
-def _kept(parsing: Parsing, spec: ControlSpec) -> list[tuple[str, int, Instance, str]]:
+def _kept(parsing: Parsing, spec: ControlSpec,
+          selection: Selection | None = None) -> list[tuple[str, int, Instance, str]]:
     """(kind, index, instance, project label) of the instances this control gets, in drawing order."""
     out = []
     if spec.human_label is not None:
         for i, human in enumerate(parsing.humans):
-            if human.score >= spec.score_threshold:
+            if human.score >= spec.score_threshold and (selection is None or i in selection.humans):
                 out.append(("h", i, human, spec.human_label))
     parts = []
     for i, part in enumerate(parsing.parts):
+        if selection is not None and i not in selection.parts:
+            continue
         label = spec.label_for(part.label)
         if label is not None and part.score >= spec.score_threshold:
             parts.append(("p", i, part, label))
@@ -125,13 +131,14 @@ def _region(spec: ControlSpec, parsing: Parsing, region_id: str, score: float, v
 
 
 def parsing_to_results(parsing: Parsing, controls: Sequence[ControlSpec],
-                       min_pixels: int | None = None) -> list[dict]:
-    """Label Studio result items for every control; `min_pixels` overrides each control's own."""
+                       min_pixels: int | None = None, selection: Selection | None = None) -> list[dict]:
+    """Label Studio result items for every control; `min_pixels` overrides each control's own; `selection`
+    (backend/prompts.py, interactive requests) keeps only those persons and parts, with their own indices."""
     results: list[dict] = []
     for spec in controls:
         k = spec.index
         floor = spec.min_pixels if min_pixels is None else min_pixels
-        for kind, i, inst, label in _kept(parsing, spec):
+        for kind, i, inst, label in _kept(parsing, spec, selection):
             if inst.mask.shape != (parsing.height, parsing.width):
                 raise ValueError(f"{inst.label} mask is {inst.mask.shape[1]}x{inst.mask.shape[0]}, "
                                  f"the parsing {parsing.width}x{parsing.height}: masks must be at the original size")

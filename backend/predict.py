@@ -36,6 +36,8 @@ from backend.errors import InputError, describe, reason_of
 from backend.images import ImageFetcher, decode_image
 from backend.ls_config import ControlSpec, LabelConfigError, parse_label_config
 from backend.ls_results import build_prediction, parsing_to_results
+from backend.prompts import Prompts, is_interactive, read_prompts, select
+from backend.recent import RecentParsings
 from backend.settings import Settings
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class Predictor:
         self.settings = settings
         self.cache = cache
         self.fetcher = fetcher
+        self.recent = RecentParsings()      # decoded parsings of the last images clicked on (interactive)
         self._lock = threading.Lock()
         self._tasks = 0
         self._predictions = 0
@@ -146,15 +149,18 @@ class Predictor:
 
     def predict_tasks(self, tasks: Sequence[Mapping], plan: ConfigPlan, *,
                       images: Sequence[Mapping[str, bytes]] | None = None, keep_parsings: bool = False,
-                      fetcher: ImageFetcher | None = None) -> list[TaskOutcome]:
+                      fetcher: ImageFetcher | None = None, context: Mapping | None = None) -> list[TaskOutcome]:
         """One outcome per task, in order. `images[i]` (data key -> bytes) spares fetching task i's images."""
         return [self.predict_task(task, plan, images=images[i] if images is not None else None,
-                                  keep_parsings=keep_parsings, fetcher=fetcher)
+                                  keep_parsings=keep_parsings, fetcher=fetcher, context=context)
                 for i, task in enumerate(tasks)]
 
     def predict_task(self, task: Mapping, plan: ConfigPlan, *, images: Mapping[str, bytes] | None = None,
-                     keep_parsings: bool = False, fetcher: ImageFetcher | None = None) -> TaskOutcome:
-        """The prediction for one task; never raises for a problem of this task (see TaskOutcome.failure)."""
+                     keep_parsings: bool = False, fetcher: ImageFetcher | None = None,
+                     context: Mapping | None = None) -> TaskOutcome:
+        """The prediction for one task; never raises for a problem of this task (see TaskOutcome.failure).
+        `context`: Label Studio's interactive context; with prompts in it, only what they point at is returned
+        (backend/prompts.py)."""
         task_id = task.get("id") if isinstance(task, Mapping) else None
         outcome = TaskOutcome(task_id, parsings={} if keep_parsings else None)
         url: str | None = None
@@ -162,12 +168,15 @@ class Predictor:
             self._tasks += 1
         try:
             results: list[dict] = []
+            prompts = read_prompts(context, plan.label_config, self.classes) if is_interactive(context) else None
             for image in plan.images:
+                if prompts is not None and not prompts.for_image(image.to_name):
+                    continue            # an image nobody prompted on: nothing asked, nothing to parse
                 data = images.get(image.data_key) if images is not None else None
                 if data is None:
                     url = _image_url(task, image.data_key)
                     data = (fetcher or self.fetcher).fetch(url, task_id=task_id)
-                results.extend(self._image_results(data, image, outcome))
+                results.extend(self._image_results(data, image, outcome, prompts))
                 url = None
             outcome.prediction = build_prediction(results, self.model_version, plan.label_config)
         except Exception as exc:  # noqa: BLE001 - one task's problem must not cost the other tasks theirs
@@ -178,21 +187,46 @@ class Predictor:
             self._predictions += 1
         return outcome
 
-    def _image_results(self, data: bytes, image: ImagePlan, outcome: TaskOutcome) -> list[dict]:
-        """The result items of one image for the controls on it: results cache, else parsing (cache) + regions."""
+    def _image_results(self, data: bytes, image: ImagePlan, outcome: TaskOutcome,
+                       prompts: Prompts | None = None) -> list[dict]:
+        """The result items of one image for the controls on it: results cache, else parsing (cache) + regions.
+        With `prompts` (interactive): the cached parsing, only the prompted people/parts, no results cache."""
         digest = image_digest(data)
         outcome.digests[image.data_key] = digest
-        if outcome.parsings is None:
+        if outcome.parsings is None and prompts is None:
             cached = self.cache.get_results(digest, image.variant)
             if isinstance(cached, list):
                 return cached
-        parsing, hit = self.parse_bytes(data, digest)
+        parsing = self.recent.get(digest) if prompts is not None else None
+        hit = parsing is not None
+        if parsing is None:
+            parsing, hit = self.parse_bytes(data, digest)
+            if prompts is not None:
+                self.recent.put(digest, parsing)
         if not hit:
             outcome.inferences += 1
         if outcome.parsings is not None:
             outcome.parsings[image.data_key] = parsing
+        if prompts is not None:
+            return self._prompted_results(parsing, image, prompts, outcome.task_id, hit)
         results = parsing_to_results(parsing, image.controls)
         self.cache.put_results(digest, image.variant, results)
+        return results
+
+    def _prompted_results(self, parsing: Parsing, image: ImagePlan, prompts: Prompts, task_id: object,
+                          cached: bool) -> list[dict]:
+        selection = select(parsing, prompts.for_image(image.to_name))
+        results = parsing_to_results(parsing, image.controls, selection=selection)
+        hits = "; ".join(selection.notes)
+        if selection.empty:
+            logger.info("task %s: interactive prompt on %s hits nobody (%s): empty result", task_id,
+                        image.to_name, hits)
+        elif not results:
+            logger.info("task %s: interactive prompt on %s (%s): no label of the config's controls for what it "
+                        "selects: empty result", task_id, image.to_name, hits)
+        else:
+            logger.info("task %s: interactive prompt on %s (%s parsing): %s -> %d regions", task_id, image.to_name,
+                        "cached" if cached else "new", hits, len(results))
         return results
 
     def _failed(self, failure: Failure, exc: BaseException) -> None:
