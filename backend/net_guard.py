@@ -257,6 +257,10 @@ def _read_body(response: http.client.HTTPResponse, sock_of, deadline: _Deadline,
             sock.settimeout(min(read_timeout, deadline.left()))
         chunk = response.read1(_READ)
         if not chunk:
+            if deadline.expired:      # the timer shut the socket: what came so far is a cut-off body
+                raise TimeoutError(f"deadline of {deadline.seconds:g} s")
+            if length and length.strip().isdigit() and len(buf) < int(length):
+                raise http.client.IncompleteRead(bytes(0), int(length) - len(buf))
             return bytes(buf)
         buf += chunk
         if len(buf) > max_bytes:

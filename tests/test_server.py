@@ -83,7 +83,9 @@ def server(backend_server, model_dir, redis_server, images, tmp_path_factory):
         "M2FP_MODEL": str(model_dir), "M2FP_THREADS": "2", "M2FP_CACHE_DIR": str(tmp_path_factory.mktemp("hub")),
         "REDIS_URL": redis_server.url_for(REDIS_DB), "REDIS_TIMEOUT": "0.3", "REDIS_RETRY_SECONDS": "1",
         "LOCAL_FILES_DOCUMENT_ROOT": str(images), "IMAGE_MAX_PIXELS": "10000000", "IMAGE_MAX_BYTES": "2000000",
-        "IMAGE_READ_TIMEOUT": "10", "LOG_LEVEL": "DEBUG"})
+        "IMAGE_READ_TIMEOUT": "10", "LOG_LEVEL": "DEBUG",
+        # The test image host is on loopback, which task URLs may reach only when allowed (backend/net_guard.py).
+        "IMAGE_URL_ALLOW": "127.0.0.1"})
     yield backend
     backend.stop()
 
