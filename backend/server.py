@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.auth import install_auth
 from backend.errors import InputError
+from backend.limits import install_body_limits
 from backend.ls_config import LabelConfigError
 from backend.runtime import Runtime, get_runtime
 from backend.settings import Settings, get_settings
@@ -61,6 +62,7 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
     # Label Studio's routes; an interactive /predict carries a task with all its regions (~3 MB for 1280x720).
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     install_auth(app, settings)
+    install_body_limits(app, settings)
 
     @app.get("/health")
     @app.get("/")

@@ -204,7 +204,7 @@ def test_bad_urls_get_bad_url(tmp_path):
 def test_one_pixel_strips_and_wide_tiffs_decode():
     assert decode_image(png(3000, 1), 10**7).size == (3000, 1)
     assert decode_image(png(1, 3000), 10**7).size == (1, 3000)
-    for mode, values in (("I", np.array([[0, 30000], [60000, 1000]], dtype=np.int32)),
+    for mode, values in (("I", np.array([[0, 30000], [65535, 1000]], dtype=np.int32)),
                          ("F", np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32))):
         buf = io.BytesIO()
         Image.fromarray(values, mode).save(buf, format="TIFF")
@@ -354,7 +354,7 @@ def test_strips_parse_through_the_api(backend):
 def test_body_and_task_limits(backend, image_host):
     # An interactive request carries the task with all its stored regions: ~3.2 MB for 1280x720; it fits.
     regions = [{"id": f"r{i}", "type": "polygonlabels", "value": {"points": [[i % 100, 5.5]] * 40}}
-               for i in range(4000)]
+               for i in range(6500)]
     task = {"id": 1, "data": {"image": f"{image_host.url}/ok.png"}, "predictions": [{"result": regions}]}
     big = predict(backend, [task])
     assert len(big.request.body) > 3_000_000 and big.status_code == 200 and big.json()["results"][0] != []
@@ -378,3 +378,6 @@ def test_chunked_upload_over_the_limit_is_refused(backend):
             yield PNG + b"\0" * 50_000           # 1 MB in all, chunked (no Content-Length), limit 300 kB
     answer = requests.post(backend.url + "/api/parse", auth=basic(WEB_USER, WEB_PASSWORD), data=body(), timeout=120)
     assert answer.status_code == 413 and answer.json()["error"] == "upload_too_large"
+    small = requests.post(backend.url + "/api/parse", auth=basic(WEB_USER, WEB_PASSWORD), data=iter([PNG]),
+                          timeout=300)
+    assert small.status_code == 200 and small.json()["width"] == 40      # a chunked upload within the limit
