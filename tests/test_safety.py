@@ -141,6 +141,13 @@ def test_cidr_allow_list_admits_a_network(internal):
     internal.hits.clear()
 
 
+def test_allowed_host_name_keeps_its_host_header_on_the_pinned_connection(image_host):
+    # The connection goes to the address that was checked; the request still names the host it asked for.
+    f = fetcher("", f"localhost:{image_host.port}")
+    assert f.fetch(f"http://localhost:{image_host.port}/ok.png") == PNG
+    assert image_host.hits[-1].headers["Host"] == f"localhost:{image_host.port}"
+
+
 def test_token_goes_to_label_studio_only(fake_ls, other_host):
     f = fetcher(fake_ls.url, f"127.0.0.1:{other_host.port}")
     assert f.fetch("/data/upload/1/moved.png") == PNG          # LS answers with a redirect to another host

@@ -310,8 +310,8 @@ def test_redis_killed_mid_run_then_back(server, redis_server, image_host):
 
 def test_gunicorn_workers_predict_without_setup(backend_server, model_dir, redis_server, image_host, server):
     # `server` ran first: the scene image is in Redis, so the workers only load the model.
-    backend = backend_server(env={"M2FP_MODEL": str(model_dir), "REDIS_URL": redis_server.url_for(REDIS_DB)},
-                             server="gunicorn", workers=2, threads=2)
+    backend = backend_server(env={"M2FP_MODEL": str(model_dir), "REDIS_URL": redis_server.url_for(REDIS_DB),
+                                  "IMAGE_URL_ALLOW": "127.0.0.1"}, server="gunicorn", workers=2, threads=2)
     try:
         version = requests.get(backend.url + "/health", timeout=10).json()["model_version"]
         for _ in range(3):  # requests spread over both workers, none of which saw a /setup
