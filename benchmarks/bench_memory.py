@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ten_unlimited" in results:
         lines.append(f"- Without the limit the same {CONCURRENT} requests peak at "
                      f"**{results['ten_unlimited']['peak_mb'] / one['peak_mb']:.2f}x** the single request.")
-    lines.append(f"- Largest accepted image ({side}x{side}): peak **{big['peak_mb'] / 1024:.2f} GB** (target < 3 GB); "
+    lines.append(f"- Largest accepted image ({side}x{side}): peak **{big['peak_mb'] / 1024:.2f} GiB** (target < 3 GB); "
                  "a larger one is refused from its header (`too_large`) before any pixel is decoded.")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")

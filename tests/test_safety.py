@@ -257,6 +257,20 @@ def test_inferences_run_one_at_a_time_on_one_dedicated_thread():
         runner.run(lambda: 1 / 0)
 
 
+def test_upsampling_one_query_at_a_time_gives_the_same_masks():
+    # Large images are upsampled one query at a time (bounded memory): the masks and scores must not change.
+    import torch
+
+    from backend.engine.postprocess import _masks_and_scores
+
+    logits = torch.randn(6, 24, 32, generator=torch.Generator().manual_seed(3))
+    args = (list(range(6)), (96, 128), (90, 120), (301, 403))
+    four, one = _masks_and_scores(logits, *args, chunk=4), _masks_and_scores(logits, *args, chunk=1)
+    assert four.keys() == one.keys()
+    for q in four:
+        assert np.array_equal(four[q][0], one[q][0]) and four[q][1] == pytest.approx(one[q][1], rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- the app without a model
 
 def test_web_ui_off_and_separate_web_credentials():
