@@ -43,6 +43,8 @@ def install_body_limits(app: Flask, settings: Settings) -> None:
         environ["wsgi.input"] = io.BytesIO(bytes(buf))
         environ["CONTENT_LENGTH"] = str(len(buf))
         del environ["wsgi.input_terminated"]
+        # The body is plain bytes now: Werkzeug ignores CONTENT_LENGTH while the request still says "chunked".
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
         request.__dict__.pop("content_length", None)  # a cached_property: forget a value read before this hook
 
 
