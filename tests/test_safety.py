@@ -27,6 +27,7 @@ from backend.settings import Settings
 from testing.http_servers import LocalServer, drip, redirect, reply
 from testing.label_studio import (connect_ml_backend, create_project, import_uploads, predictions_of,
                                   retrieve_predictions)
+from testing.redis_server import RedisServer
 
 USER, PASSWORD = "labelstudio", "s3cret-backend"
 WEB_USER, WEB_PASSWORD = "demo", "s3cret-demo"
@@ -269,6 +270,25 @@ def test_upsampling_one_query_at_a_time_gives_the_same_masks():
     assert four.keys() == one.keys()
     for q in four:
         assert np.array_equal(four[q][0], one[q][0]) and four[q][1] == pytest.approx(one[q][1], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- Redis with a password
+
+def test_password_protected_redis_takes_the_url_with_its_password(tmp_path):
+    import redis
+
+    from backend.batch import worker as worker_cli
+    from backend.batch.cli import _redacted
+
+    server = RedisServer(tmp_path, password="0123abcd" * 4)
+    server.start()
+    try:
+        assert worker_cli.redis_connection(server.url).ping()
+        with pytest.raises(redis.AuthenticationError):
+            worker_cli.redis_connection(server.url.replace(f":{server.password}@", "")).ping()
+        assert server.password not in _redacted(server.url)
+    finally:
+        server.stop()
 
 
 # ----------------------------------------------------------------------------- the app without a model
