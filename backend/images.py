@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import json
 import logging
@@ -31,16 +32,15 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlparse
 
 import numpy as np
-import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from backend import storage_uris
+from backend import net_guard, storage_uris
 from backend.errors import InputError
+from backend.net_guard import shorten, status_text
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 256 * 1024
 # An access token is renewed this long before it expires, so a download never starts with a dying token.
 _TOKEN_MARGIN_S = 30.0
 
@@ -98,6 +98,19 @@ def _jwt_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) else None
 
 
+class ImageBlocked(ImageFetchError):
+    """The URL points at an address outside what the outbound policy allows (backend/net_guard.py)."""
+
+    reason = "blocked"
+
+
+class ImageBadUrl(ImageFetchError):
+    reason = "bad_url"
+
+
+_GUARD_ERRORS = {"blocked": ImageBlocked, "bad_url": ImageBadUrl, "too_large": ImageTooLarge}
+
+
 @dataclass
 class _AccessToken:
     value: str
@@ -110,13 +123,11 @@ class ImageFetcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._ls_url = settings.label_studio_url.rstrip("/")
-        self._ls_netloc = urlparse(self._ls_url).netloc if self._ls_url else ""
         self._api_key = settings.label_studio_api_key.strip()
         self._is_pat = _is_jwt(self._api_key) if self._api_key else False
         self._token: _AccessToken | None = None
         self._token_lock = threading.Lock()
-        # requests.Session is not documented as thread-safe; one per thread keeps connection reuse safe.
-        self._local = threading.local()
+        self._policy = net_guard.UrlPolicy(self._ls_url, settings.image_url_allow)
 
     # ----- public -----
 
@@ -128,23 +139,30 @@ class ImageFetcher:
         url = url.strip()
         if url.startswith("data:"):
             return self._from_data_uri(url)
+        if len(url) > self.settings.image_max_url_length:
+            raise ImageBadUrl(f"{shorten(url)}: URL longer than IMAGE_MAX_URL_LENGTH="
+                              f"{self.settings.image_max_url_length}")
         url = storage_uris.rebase_on_label_studio(url, self._ls_url, self.settings.label_studio_host)
         resolve = storage_uris.ls_resolve_target(url, task_id, self._ls_url, self.settings.label_studio_host)
         if resolve is not None:
             return self._from_ls_resolve(resolve)
-        parsed = urlparse(url)
+        try:
+            parsed = urlparse(url)
+            parsed.port  # noqa: B018 - raises ValueError for a malformed port or IPv6 host
+        except ValueError as exc:
+            raise ImageBadUrl(f"{shorten(url)}: malformed URL ({exc})") from None
         if parsed.scheme in ("http", "https"):
             if self._is_ls_url(parsed) and self._local_file_path(parsed) is not None:
                 return self._read_local(self._local_file_path(parsed), url)
             return self._http_get(url, auth=self._is_ls_url(parsed))
         if parsed.scheme:
-            raise ImageFetchError(f"{url}: unsupported URL scheme {parsed.scheme!r} (expected http(s), "
-                                  "an LS-relative /data/... URL, s3:// gs:// azure-blob:// or a data: URI)")
+            raise ImageBadUrl(f"{shorten(url)}: unsupported URL scheme {shorten(parsed.scheme, 20)!r} (expected "
+                              "http(s), an LS-relative /data/... URL, s3:// gs:// azure-blob:// or a data: URI)")
         local = self._local_file_path(parsed)
         if local is not None:
             return self._read_local(local, url)
         if not self._ls_url:
-            raise ImageFetchError(f"{url}: a Label Studio relative URL needs LABEL_STUDIO_URL to be set")
+            raise ImageFetchError(f"{shorten(url)}: a Label Studio relative URL needs LABEL_STUDIO_URL to be set")
         return self._http_get(urljoin(self._ls_url + "/", url.lstrip("/")), auth=True)
 
     # ----- local files -----
@@ -157,6 +175,8 @@ class ImageFetcher:
         relative = values[-1] if values else ""
         if not relative:
             raise ImageNotFound(f"{parsed.geturl()}: local-files URL has no ?d= path")
+        if "\0" in relative:
+            raise ImageBadUrl(f"{shorten(parsed.geturl())}: NUL byte in the local-files path")
         root = Path(self.settings.local_files_root).resolve()
         # Same rule as LS's /data/local-files/ view: ?d= is relative to the root, even with a leading slash.
         candidate = (root / posixpath.normpath(relative).lstrip("/")).resolve()
@@ -202,34 +222,28 @@ class ImageFetcher:
 
     def _from_ls_resolve(self, target: storage_uris.LsResolve) -> bytes:
         """Label Studio's resolve endpoint: the bytes it proxies, or its 303 to a presigned URL, followed here
-        (not by requests) so that the token never goes to the storage host."""
-        headers = {"User-Agent": "m2fp-prelabel"}
-        if self._api_key:
-            headers["Authorization"] = self._auth_header(force_refresh=False)
-        response = self._request(target.url, headers, allow_redirects=False)
-        if response.status_code == 401 and self._is_pat:
-            response.close()
-            headers["Authorization"] = self._auth_header(force_refresh=True)
-            response = self._request(target.url, headers, allow_redirects=False)
-        with response:
-            if response.status_code in storage_uris.REDIRECT_STATUSES:
-                presigned = storage_uris.presigned_target(target, response.headers.get("Location"))
-            else:
-                error = storage_uris.resolve_error(target, response.status_code, bool(self._api_key))
-                if error is not None:
-                    raise error
-                return self._read_body(response, target.url)
-        return self._from_presigned(presigned)
+        (not by the guard) so that the token never goes to the storage host."""
+        send_key = bool(self._api_key)
+        response = self._guarded("GET", target.url, auth=send_key, max_redirects=0)
+        if response.status == 401 and send_key and self._is_pat:
+            self._auth_header(force_refresh=True)
+            response = self._guarded("GET", target.url, auth=send_key, max_redirects=0)
+        if response.status in storage_uris.REDIRECT_STATUSES:
+            return self._from_presigned(storage_uris.presigned_target(target, response.headers.get("Location")))
+        error = storage_uris.resolve_error(target, response.status, send_key)
+        if error is not None:
+            raise error
+        return response.body
 
     def _from_presigned(self, presigned: storage_uris.PresignedUrl) -> bytes:
-        """The storage's own URL that Label Studio redirected to: no token, and never the signed URL in a message."""
+        """The storage's own URL that Label Studio redirected to: no token, the same outbound policy as any URL
+        (a storage on a private network must be in IMAGE_URL_ALLOW), never the signed URL in a message."""
         try:
-            response = self._request(presigned.url, {"User-Agent": "m2fp-prelabel"})
-            with response:
-                if response.status_code >= 300:
-                    raise storage_uris.presigned_error(presigned, response.status_code,
-                                                       storage_uris.storage_error_code(_error_body(response)))
-                return self._read_body(response, presigned.url)
+            response = self._guarded("GET", presigned.url, auth=False)
+            if response.status >= 300:
+                raise storage_uris.presigned_error(presigned, response.status,
+                                                   storage_uris.storage_error_code(response.body))
+            return response.body
         except InputError as exc:
             if presigned.url not in str(exc):
                 raise
@@ -238,69 +252,51 @@ class ImageFetcher:
     # ----- HTTP -----
 
     def _is_ls_url(self, parsed) -> bool:
-        return bool(self._ls_netloc) and parsed.netloc == self._ls_netloc
+        # Scheme, host and port: the token never goes to http:// when Label Studio is https://.
+        return self._policy.ls_origin is not None and net_guard.Origin.of(parsed.geturl()) == self._policy.ls_origin
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            # Tokens come from settings only: never from ~/.netrc or proxy env surprises for the LS host.
-            session.trust_env = False
-            self._local.session = session
-        return session
+    def _guarded(self, method: str, url: str, *, auth: bool, body: bytes | None = None,
+                 headers: dict[str, str] | None = None, max_redirects: int | None = None) -> net_guard.Response:
+        """One request through the outbound policy (backend/net_guard.py), its failures worded as ImageErrors."""
+        settings = self.settings
+        try:
+            return net_guard.guarded_request(
+                self._policy, method, url, headers=headers, body=body,
+                credentials={"Authorization": self._auth_header(force_refresh=False)} if auth else None,
+                credentials_origin=self._policy.ls_origin,
+                deadline_s=settings.image_connect_timeout + settings.image_read_timeout,
+                connect_timeout=settings.image_connect_timeout, read_timeout=settings.image_read_timeout,
+                max_bytes=settings.image_max_bytes,
+                max_redirects=settings.image_max_redirects if max_redirects is None else max_redirects)
+        except net_guard.TooLarge as exc:
+            raise ImageTooLarge(f"{exc} (IMAGE_MAX_BYTES)") from None
+        except net_guard.GuardError as exc:
+            raise _GUARD_ERRORS.get(exc.reason, ImageFetchError)(str(exc), reason=exc.reason) from None
+        except TimeoutError as exc:
+            # socket.timeout is TimeoutError: a silent server (IMAGE_READ_TIMEOUT) or the whole-download deadline.
+            raise ImageFetchError(f"{shorten(url)}: timed out ({exc or 'no answer'}; IMAGE_READ_TIMEOUT="
+                                  f"{settings.image_read_timeout:g} s per wait, "
+                                  f"{settings.image_connect_timeout + settings.image_read_timeout:g} s in all)") \
+                from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise ImageFetchError(f"{shorten(url)}: connection failed: {_short(exc)}") from None
 
     def _http_get(self, url: str, auth: bool) -> bytes:
-        headers = {"User-Agent": "m2fp-prelabel"}
-        if auth and self._api_key:
-            headers["Authorization"] = self._auth_header(force_refresh=False)
-        response = self._request(url, headers)
-        if response.status_code == 401 and auth and self._is_pat:
+        send_key = auth and bool(self._api_key)
+        response = self._guarded("GET", url, auth=send_key)
+        if response.status == 401 and send_key and self._is_pat:
             # The cached access token may have been revoked or expired early: renew once, then give up.
-            response.close()
-            headers["Authorization"] = self._auth_header(force_refresh=True)
-            response = self._request(url, headers)
-        with response:
-            status = response.status_code
-            if status == 404:
-                raise ImageNotFound(f"{url}: HTTP 404 not found")
-            if status in (401, 403):
-                hint = "" if self._api_key or not auth else " (LABEL_STUDIO_API_KEY is not set)"
-                raise ImageAuthError(f"{url}: HTTP {status} {response.reason or ''}".rstrip() + hint)
-            if status >= 400:
-                raise ImageFetchError(f"{url}: HTTP {status} {response.reason or ''}".rstrip())
-            return self._read_body(response, url)
-
-    def _request(self, url: str, headers: dict[str, str], allow_redirects: bool = True) -> requests.Response:
-        try:
-            return self._session().get(
-                url, headers=headers, stream=True, allow_redirects=allow_redirects,
-                timeout=(self.settings.image_connect_timeout, self.settings.image_read_timeout))
-        except requests.Timeout as exc:
-            raise ImageFetchError(f"{url}: timed out ({type(exc).__name__})") from None
-        except requests.ConnectionError as exc:
-            raise ImageFetchError(f"{url}: connection failed: {_short(exc)}") from None
-        except requests.RequestException as exc:
-            raise ImageFetchError(f"{url}: {_short(exc)}") from None
-
-    def _read_body(self, response: requests.Response, url: str) -> bytes:
-        length = response.headers.get("Content-Length")
-        if length and length.isdigit():
-            self._check_size(int(length), url)
-        limit = self.settings.image_max_bytes
-        # requests' read timeout bounds each socket read; this bounds the whole body against slow drips.
-        deadline = time.monotonic() + self.settings.image_connect_timeout + self.settings.image_read_timeout
-        buf = bytearray()
-        try:
-            for chunk in response.iter_content(_CHUNK):
-                buf += chunk
-                if len(buf) > limit:
-                    raise ImageTooLarge(f"{url}: more than IMAGE_MAX_BYTES={limit} bytes")
-                if time.monotonic() > deadline:
-                    raise ImageFetchError(f"{url}: download took longer than "
-                                          f"{self.settings.image_connect_timeout + self.settings.image_read_timeout:g} s")
-        except requests.RequestException as exc:
-            raise ImageFetchError(f"{url}: download interrupted: {_short(exc)}") from None
-        return bytes(buf)
+            self._auth_header(force_refresh=True)
+            response = self._guarded("GET", url, auth=send_key)
+        status = response.status
+        if status == 404:
+            raise ImageNotFound(f"{shorten(url)}: HTTP {status_text(status)}")
+        if status in (401, 403):
+            hint = "" if self._api_key or not auth else " (LABEL_STUDIO_API_KEY is not set)"
+            raise ImageAuthError(f"{shorten(url)}: HTTP {status_text(status)}{hint}")
+        if status >= 300:
+            raise ImageFetchError(f"{shorten(url)}: HTTP {status_text(status)}")
+        return response.body
 
     def _check_size(self, size: int, what: str) -> None:
         if size > self.settings.image_max_bytes:
@@ -322,36 +318,27 @@ class ImageFetcher:
             if fresh and not force_refresh:
                 return token.value
             refresh_url = f"{self._ls_url}/api/token/refresh/"
-            try:
-                response = self._session().post(
-                    refresh_url, json={"refresh": self._api_key},
-                    timeout=(self.settings.image_connect_timeout, self.settings.image_read_timeout))
-            except requests.RequestException as exc:
-                raise ImageFetchError(f"{refresh_url}: cannot exchange the personal access token: {_short(exc)}") \
-                    from None
-            if response.status_code in (400, 401, 403):
+            # No redirect is followed: the refresh token goes to LABEL_STUDIO_URL itself or nowhere.
+            response = self._guarded("POST", refresh_url, auth=False, body=json.dumps({"refresh": self._api_key})
+                                     .encode(), headers={"Content-Type": "application/json"}, max_redirects=0)
+            if response.status in (400, 401, 403):
                 raise ImageAuthError(f"{refresh_url}: Label Studio refused LABEL_STUDIO_API_KEY "
-                                     f"(HTTP {response.status_code}: {response.text[:200]})")
-            if response.status_code != 200:
-                raise ImageFetchError(f"{refresh_url}: HTTP {response.status_code} exchanging the personal access token")
+                                     f"(HTTP {status_text(response.status)})")
+            if response.status != 200:
+                raise ImageFetchError(f"{refresh_url}: HTTP {status_text(response.status)} exchanging the "
+                                      "personal access token")
             try:
-                access = response.json()["access"]
+                access = json.loads(response.body)["access"]
+                if not isinstance(access, str):
+                    raise TypeError
             except (ValueError, KeyError, TypeError):
-                raise ImageFetchError(f"{refresh_url}: unexpected answer {response.text[:200]!r}") from None
+                raise ImageFetchError(f"{refresh_url}: unexpected answer to the token exchange") from None
             self._token = _AccessToken(access, _jwt_expiry(access))
             return access
 
 
-def _error_body(response: requests.Response, limit: int = 4096) -> bytes:
-    """The start of an error answer (for its error code); nothing when even that cannot be read."""
-    try:
-        return next(response.iter_content(limit), b"")
-    except requests.RequestException:
-        return b""
-
-
 def _short(exc: BaseException) -> str:
-    """The useful part of a requests/urllib3 error ("[Errno 111] Connection refused"), not its wrappers."""
+    """The useful part of a transport error ("[Errno 111] Connection refused"), not its wrappers."""
     text = str(exc)
     found = re.search(r"\[Errno -?\d+\][^'\")]*", text)
     if found:
@@ -409,10 +396,32 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # 16-bit greyscale: keep the high byte instead of clipping everything above 255 to white.
         high = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
         return Image.fromarray(high).convert("RGB")
+    if image.mode in ("I", "F"):
+        return _wide_to_rgb(image)
     return image.convert("RGB")
+
+
+def _wide_to_rgb(image: Image.Image) -> Image.Image:
+    """32-bit integer or float greyscale -> 8 bits, by the range its values use; PIL's own convert clips
+    everything above 255 to white. Values we cannot place on a scale (negative, NaN, beyond 16 bits) are refused."""
+    values = np.asarray(image)
+    if values.size == 0 or not np.isfinite(values).all() or values.min() < 0:
+        raise ImageDecodeError(f"{image.mode} (32-bit) image with negative or non-finite values: not a photo")
+    top = float(values.max())
+    if image.mode == "F" and top <= 1.0:
+        scaled = values * 255.0
+    elif top <= 255:
+        scaled = values
+    elif top <= 65535:
+        scaled = values / 257.0
+    else:
+        raise ImageDecodeError(f"{image.mode} (32-bit) image with values up to {top:g}: no known scale")
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 __all__ = [
     "ImageError", "ImageNotFound", "ImageAuthError", "ImageTooLarge", "ImageDecodeError", "ImageFetchError",
+    "ImageBlocked", "ImageBadUrl",
     "ImageFetcher", "decode_image",
 ]

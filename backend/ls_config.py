@@ -17,6 +17,7 @@ The `model_` prefix is the convention of Label Studio's own ML backends (e.g. `m
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -106,16 +107,18 @@ def _match(model_class: str, rules: Sequence[LabelRule]) -> str | None:
     return None
 
 
-def _number(control, attr: str, default, kind, minimum) -> float:
+def _number(control, attr: str, default, kind, minimum, maximum) -> float:
     raw = control.attr.get(attr)
     if raw is None or str(raw).strip() == "":
         return default
     try:
         value = kind(str(raw).strip())
-    except ValueError:
+    except (ValueError, OverflowError):
         raise LabelConfigError(f'control "{control.name}": {attr}="{raw}" is not a {kind.__name__}') from None
-    if value < minimum:
-        raise LabelConfigError(f'control "{control.name}": {attr}="{raw}" must be >= {minimum}')
+    # NaN compares false with everything: without the explicit check it would pass both bounds.
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise LabelConfigError(f'control "{control.name}": {attr}="{raw}" must be >= {minimum} and <= '
+                               f"{maximum}")
     return value
 
 
@@ -165,9 +168,9 @@ def parse_label_config(label_config: str, settings: Settings,
                 type=kind,
                 label_map=label_map,
                 human_label=human,
-                score_threshold=float(_number(control, ATTR_SCORE, settings.score_threshold, float, 0.0)),
-                polygon_detail=float(_number(control, ATTR_DETAIL, settings.polygon_detail, float, 0.01)),
-                min_pixels=int(_number(control, ATTR_MIN_PIXELS, settings.min_region_pixels, int, 0)),
+                score_threshold=float(_number(control, ATTR_SCORE, settings.score_threshold, float, 0.0, 1.0)),
+                polygon_detail=float(_number(control, ATTR_DETAIL, settings.polygon_detail, float, 0.01, 100.0)),
+                min_pixels=int(_number(control, ATTR_MIN_PIXELS, settings.min_region_pixels, int, 0, 10**9)),
                 value_key=value[1:] if value.startswith("$") else None,
                 rules=rules,
                 warnings=warnings,

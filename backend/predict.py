@@ -34,8 +34,10 @@ from backend.cache import ParsingCache, image_digest
 from backend.engine.types import Parsing
 from backend.errors import InputError, describe, reason_of
 from backend.images import ImageFetcher, decode_image
+from backend.inference import InferenceThreads
 from backend.ls_config import ControlSpec, LabelConfigError, parse_label_config
 from backend.ls_results import build_prediction, parsing_to_results
+from backend.net_guard import shorten
 from backend.prompts import Prompts, is_interactive, read_prompts, select
 from backend.recent import RecentParsings
 from backend.settings import Settings
@@ -110,6 +112,7 @@ class Predictor:
         self._engine_seconds = 0.0
         self._failures: Counter[str] = Counter()
         self._last_failures: list[Failure] = []
+        self._inference = InferenceThreads(settings.max_concurrent_inferences)
 
     @property
     def model_version(self) -> str:
@@ -135,6 +138,10 @@ class Predictor:
         return self.cache.get_or_compute(data, lambda: self._parse(data), digest=digest)
 
     def _parse(self, data: bytes) -> Parsing:
+        # Decoding and inference run on the inference thread(s): see backend/inference.py for why.
+        return self._inference.run(self._decode_and_parse, data)
+
+    def _decode_and_parse(self, data: bytes) -> Parsing:
         start = time.perf_counter()
         image = decode_image(data, self.settings.image_max_pixels)
         with self._lock:
@@ -180,7 +187,9 @@ class Predictor:
                 url = None
             outcome.prediction = build_prediction(results, self.model_version, plan.label_config)
         except Exception as exc:  # noqa: BLE001 - one task's problem must not cost the other tasks theirs
-            outcome.failure = Failure(task_id, url, reason_of(exc), describe(exc))
+            # Clipped: a task URL or message can be megabytes; logs and /metrics keep a readable prefix.
+            outcome.failure = Failure(task_id, shorten(url) if url is not None else None, reason_of(exc),
+                                      shorten(describe(exc), 500))
             self._failed(outcome.failure, exc)
             return outcome
         with self._lock:

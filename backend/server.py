@@ -11,7 +11,9 @@
     GET  /versions   the one model version
     POST /train      nothing to train: pre-labeling only
     GET  /metrics    this process's counters (tasks, failures by reason, cache)
-    /demo, /api/*    the demo page and HTTP API (backend/web.py)
+    /demo, /api/*    the demo page and HTTP API (backend/web.py); not served with WEB_UI=off
+
+Basic auth (backend/auth.py) guards every route but /health when BASIC_AUTH_USER/BASIC_AUTH_PASS are set.
 
 Every request builds an `M2FPModel` from its own labeling config (cheap; the parser is loaded once per process),
 so any gunicorn worker answers any project, /setup or not. Request bodies and headers are never logged.
@@ -23,9 +25,11 @@ import os
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from backend.auth import install_auth
 from backend.errors import InputError
+from backend.limits import install_body_limits
 from backend.ls_config import LabelConfigError
 from backend.offload import Offload
 from backend.runtime import Runtime, get_runtime
@@ -59,6 +63,10 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
     current: Callable[[], Runtime] = (lambda: runtime) if runtime is not None else (lambda: get_runtime(settings))
     app = Flask("m2fp")
     offload = Offload(settings, current)
+    # Label Studio's routes; an interactive /predict carries a task with all its regions (~3 MB for 1280x720).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    install_auth(app, settings)
+    install_body_limits(app, settings)
 
     @app.get("/health")
     @app.get("/")
@@ -93,6 +101,9 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
         context = params.get("context") if isinstance(params.get("context"), dict) else None
         tasks = data["tasks"]
+        if len(tasks) > settings.max_tasks_per_request:
+            return _error(413, "too_many_tasks", f"{len(tasks)} tasks in one request; at most "
+                          f"{settings.max_tasks_per_request} (MAX_TASKS_PER_REQUEST)")
         try:
             model = M2FPModel(label_config=label_config, runtime=current())
         except LabelConfigError as exc:
@@ -129,6 +140,11 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
     def input_error(exc: InputError) -> tuple[Response, int]:
         return _error(400, exc.reason, str(exc))
 
+    @app.errorhandler(RequestEntityTooLarge)
+    def request_too_large(exc: RequestEntityTooLarge) -> tuple[Response, int]:
+        return _error(413, "request_too_large", f"request body larger than {settings.max_request_bytes} bytes "
+                      "(MAX_REQUEST_BYTES)")
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
         return _error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
@@ -138,7 +154,8 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
         logger.error("internal error on %s %s", request.method, request.path, exc_info=exc)
         return _error(500, "internal", f"{type(exc).__name__}: the server could not process this request")
 
-    app.register_blueprint(web_blueprint(current, settings))
+    if settings.web_ui:
+        app.register_blueprint(web_blueprint(current, settings))
     app.register_blueprint(offload.blueprint())
     if preload:
         current()

@@ -34,7 +34,10 @@ class Settings:
     image_connect_timeout: float = 5.0       # IMAGE_CONNECT_TIMEOUT (s)
     image_read_timeout: float = 30.0         # IMAGE_READ_TIMEOUT (s)
     image_max_bytes: int = 50 * 1024 * 1024  # IMAGE_MAX_BYTES
-    image_max_pixels: int = 80_000_000       # IMAGE_MAX_PIXELS: refuses decompression bombs
+    image_max_pixels: int = 25_000_000       # IMAGE_MAX_PIXELS: refuses larger images (memory grows with pixels)
+    image_url_allow: str = ""                # IMAGE_URL_ALLOW: hosts/CIDRs image URLs may reach besides LS's origin
+    image_max_redirects: int = 5             # IMAGE_MAX_REDIRECTS: redirects followed per download
+    image_max_url_length: int = 8192         # IMAGE_MAX_URL_LENGTH: longer task URLs are refused (bad_url)
     local_files_root: str = ""               # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/ from disk when set
     # --- cache ---
     redis_url: str = ""                      # REDIS_URL: empty = no cache
@@ -47,6 +50,14 @@ class Settings:
     min_region_pixels: int = 16              # MIN_REGION_PIXELS: connected components smaller than this are dropped
     # --- serving ---
     log_level: str = "INFO"                  # LOG_LEVEL
+    basic_auth_user: str = ""                # BASIC_AUTH_USER: with BASIC_AUTH_PASS, required on every route but /health
+    basic_auth_pass: str = ""                # BASIC_AUTH_PASS
+    web_ui: bool = True                      # WEB_UI: serve the demo page and /api/* (off: 404)
+    web_auth_user: str = ""                  # WEB_AUTH_USER: own credentials for /demo and /api/* (default: BASIC_AUTH_*)
+    web_auth_pass: str = ""                  # WEB_AUTH_PASS
+    max_request_bytes: int = 32 * 1024 * 1024  # MAX_REQUEST_BYTES: body limit of /predict /setup /webhook
+    max_tasks_per_request: int = 1000        # MAX_TASKS_PER_REQUEST: /predict tasks per request
+    max_concurrent_inferences: int = 1       # MAX_CONCURRENT_INFERENCES: model runs at once per process
     max_upload_bytes: int = 20 * 1024 * 1024  # MAX_UPLOAD_BYTES: demo page / HTTP API uploads
     gunicorn_workers: int = 1                # GUNICORN_WORKERS: processes (each loads the model once)
     gunicorn_threads: int = 4                # GUNICORN_THREADS: request threads per process
@@ -73,6 +84,9 @@ _ENV_NAMES = {
     "image_read_timeout": "IMAGE_READ_TIMEOUT",
     "image_max_bytes": "IMAGE_MAX_BYTES",
     "image_max_pixels": "IMAGE_MAX_PIXELS",
+    "image_url_allow": "IMAGE_URL_ALLOW",
+    "image_max_redirects": "IMAGE_MAX_REDIRECTS",
+    "image_max_url_length": "IMAGE_MAX_URL_LENGTH",
     "local_files_root": "LOCAL_FILES_DOCUMENT_ROOT",
     "redis_url": "REDIS_URL",
     "cache_ttl": "CACHE_TTL_SECONDS",
@@ -82,6 +96,14 @@ _ENV_NAMES = {
     "polygon_detail": "POLYGON_DETAIL",
     "min_region_pixels": "MIN_REGION_PIXELS",
     "log_level": "LOG_LEVEL",
+    "basic_auth_user": "BASIC_AUTH_USER",
+    "basic_auth_pass": "BASIC_AUTH_PASS",
+    "web_ui": "WEB_UI",
+    "web_auth_user": "WEB_AUTH_USER",
+    "web_auth_pass": "WEB_AUTH_PASS",
+    "max_request_bytes": "MAX_REQUEST_BYTES",
+    "max_tasks_per_request": "MAX_TASKS_PER_REQUEST",
+    "max_concurrent_inferences": "MAX_CONCURRENT_INFERENCES",
     "max_upload_bytes": "MAX_UPLOAD_BYTES",
     "gunicorn_workers": "GUNICORN_WORKERS",
     "gunicorn_threads": "GUNICORN_THREADS",

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
 SECTIONS_DIR = ROOT / "docs" / "benchmarks"
 OUTPUT = ROOT / "docs" / "benchmarks.md"
-SECTION_ORDER = ["engine", "server", "polygons", "batch", "download", "export", "webhooks", "interactive"]
+SECTION_ORDER = ["engine", "server", "polygons", "batch", "memory", "download", "export", "webhooks", "interactive"]
 TIMEOUT_S = 3600
 
 

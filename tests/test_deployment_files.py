@@ -22,13 +22,15 @@ from backend.settings import _ENV_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_ENV = set(_ENV_NAMES.values())
-SECRETS = {"LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "LABEL_STUDIO_PASSWORD": "s3cret-pw"}
+SECRETS = {"LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "LABEL_STUDIO_PASSWORD": "s3cret-pw",
+           "REDIS_PASSWORD": "0123456789abcdef0123456789abcdef", "BASIC_AUTH_PASS": "s3cret-backend"}
 
 
 def _compose(env: dict[str, str]) -> subprocess.CompletedProcess:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is not installed (make system-deps installs it)"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "M2FP_", "COMPOSE_"))}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("LABEL_STUDIO_", "M2FP_", "COMPOSE_", "REDIS_", "BASIC_AUTH_", "WEB_"))}
     return subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config"], cwd=ROOT,
                           env={**clean, **env}, capture_output=True, text=True, timeout=60)
 
@@ -82,6 +84,18 @@ def test_backend_reaches_label_studio_and_redis_by_service_name(compose: dict) -
     ls_env = _env(services["label-studio"])
     assert ls_env["LABEL_STUDIO_USER_TOKEN"] == SECRETS["LABEL_STUDIO_API_KEY"]
     assert ls_env["LABEL_STUDIO_PASSWORD"] == SECRETS["LABEL_STUDIO_PASSWORD"]
+
+
+def test_redis_needs_its_password_and_the_backend_needs_basic_auth(compose: dict) -> None:
+    services = compose["services"]
+    command = services["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == SECRETS["REDIS_PASSWORD"]
+    assert _env(services["redis"])["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]   # the health check's redis-cli
+    assert "ports" not in services["redis"]                                       # not published on the host
+    for name in ("backend", "worker"):
+        assert urlparse(_env(services[name])["REDIS_URL"]).password == SECRETS["REDIS_PASSWORD"]
+    backend = _env(services["backend"])
+    assert backend["BASIC_AUTH_PASS"] == SECRETS["BASIC_AUTH_PASS"] and backend["BASIC_AUTH_USER"]
 
 
 def test_label_studio_settings_a_backend_on_the_compose_network_needs(compose: dict) -> None:

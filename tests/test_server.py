@@ -83,7 +83,9 @@ def server(backend_server, model_dir, redis_server, images, tmp_path_factory):
         "M2FP_MODEL": str(model_dir), "M2FP_THREADS": "2", "M2FP_CACHE_DIR": str(tmp_path_factory.mktemp("hub")),
         "REDIS_URL": redis_server.url_for(REDIS_DB), "REDIS_TIMEOUT": "0.3", "REDIS_RETRY_SECONDS": "1",
         "LOCAL_FILES_DOCUMENT_ROOT": str(images), "IMAGE_MAX_PIXELS": "10000000", "IMAGE_MAX_BYTES": "2000000",
-        "IMAGE_READ_TIMEOUT": "10", "LOG_LEVEL": "DEBUG"})
+        "IMAGE_READ_TIMEOUT": "10", "LOG_LEVEL": "DEBUG",
+        # The test image host is on loopback, which task URLs may reach only when allowed (backend/net_guard.py).
+        "IMAGE_URL_ALLOW": "127.0.0.1"})
     yield backend
     backend.stop()
 
@@ -308,8 +310,8 @@ def test_redis_killed_mid_run_then_back(server, redis_server, image_host):
 
 def test_gunicorn_workers_predict_without_setup(backend_server, model_dir, redis_server, image_host, server):
     # `server` ran first: the scene image is in Redis, so the workers only load the model.
-    backend = backend_server(env={"M2FP_MODEL": str(model_dir), "REDIS_URL": redis_server.url_for(REDIS_DB)},
-                             server="gunicorn", workers=2, threads=2)
+    backend = backend_server(env={"M2FP_MODEL": str(model_dir), "REDIS_URL": redis_server.url_for(REDIS_DB),
+                                  "IMAGE_URL_ALLOW": "127.0.0.1"}, server="gunicorn", workers=2, threads=2)
     try:
         version = requests.get(backend.url + "/health", timeout=10).json()["model_version"]
         for _ in range(3):  # requests spread over both workers, none of which saw a /setup

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.batch import worker as worker_cli
+from backend.cache import _redacted
 from backend.errors import InputError, describe
 from backend.batch.progress import FAILED, ItemResult, Progress, Summary
 from backend.settings import Settings, get_settings
@@ -56,7 +57,8 @@ def _queue(args: argparse.Namespace):
     try:
         connection.ping()
     except Exception as exc:
-        raise UsageError(f"cannot reach Redis at {args.redis_url}: {describe(exc)}") from exc
+        # Redacted: REDIS_URL carries the Redis password.
+        raise UsageError(f"cannot reach Redis at {_redacted(args.redis_url)}: {describe(exc)}") from exc
     return jobs.queue_for(connection, args.queue)
 
 

@@ -44,6 +44,9 @@ def select_candidates(logits: torch.Tensor, config: ModelConfig) -> list[Candida
     return out
 
 
+_CHUNK_PIXELS = 16_000_000
+
+
 def upsample_logits(mask_logits: torch.Tensor, padded: tuple[int, int], resized: tuple[int, int],
                     original: tuple[int, int]) -> torch.Tensor:
     """(n, h4, w4) low-res logits -> (n, H, W) at the original size, as the reference computes them."""
@@ -57,6 +60,9 @@ def _masks_and_scores(mask_logits: torch.Tensor, queries: list[int], padded: tup
                       chunk: int = 4) -> dict[int, tuple[np.ndarray, float]]:
     """query -> (mask = logit > 0 at the original size, mean sigmoid over that mask), a few queries at a time."""
     out: dict[int, tuple[np.ndarray, float]] = {}
+    # A chunk's float logits at the original size take 4 bytes per pixel per query (400 MB for 4 queries at
+    # 25 MP): large images go one query at a time. Same results, bounded peak memory.
+    chunk = max(1, min(chunk, _CHUNK_PIXELS // max(1, original[0] * original[1])))
     for i in range(0, len(queries), chunk):
         qs = queries[i:i + chunk]
         up = upsample_logits(mask_logits[qs], padded, resized, original)

@@ -83,7 +83,8 @@ def resized_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     if max(new_h, new_w) > max_size:
         scale = max_size * 1.0 / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
+    # A 3000x1 strip would round its short side to 0 pixels: keep at least one.
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def prepare(pil: Image.Image, *, min_size: int, max_size: int, size_divisibility: int,
