@@ -56,6 +56,18 @@ def test_compose_has_the_four_services_and_named_volumes(compose: dict) -> None:
     assert {"label-studio-data", "redis-data", "model-cache"} <= set(compose["volumes"])
 
 
+def test_the_readme_run_command_writes_every_secret_compose_needs(tmp_path: Path) -> None:
+    """The README's one-line start: the .env it writes must satisfy every `${VAR:?}` of docker-compose.yml."""
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("printf ") and "> .env" in ln]
+    write_env = line.split(" && docker compose up", 1)[0]
+    subprocess.run(["bash", "-c", write_env], cwd=tmp_path, check=True, timeout=30)
+    env = dict(ln.split("=", 1) for ln in (tmp_path / ".env").read_text().splitlines() if ln)
+    assert set(SECRETS) <= set(env), sorted(env)
+    proc = _compose(env)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_compose_refuses_to_start_without_the_secrets() -> None:
     for missing in SECRETS:
         proc = _compose({k: v for k, v in SECRETS.items() if k != missing})
