@@ -142,15 +142,15 @@ class ImageFetcher:
         if len(url) > self.settings.image_max_url_length:
             raise ImageBadUrl(f"{shorten(url)}: URL longer than IMAGE_MAX_URL_LENGTH="
                               f"{self.settings.image_max_url_length}")
+        try:
+            urlparse(url).port  # noqa: B018 - raises ValueError for a malformed port or IPv6 host
+        except ValueError as exc:
+            raise ImageBadUrl(f"{shorten(url)}: malformed URL ({exc})") from None
         url = storage_uris.rebase_on_label_studio(url, self._ls_url, self.settings.label_studio_host)
         resolve = storage_uris.ls_resolve_target(url, task_id, self._ls_url, self.settings.label_studio_host)
         if resolve is not None:
             return self._from_ls_resolve(resolve)
-        try:
-            parsed = urlparse(url)
-            parsed.port  # noqa: B018 - raises ValueError for a malformed port or IPv6 host
-        except ValueError as exc:
-            raise ImageBadUrl(f"{shorten(url)}: malformed URL ({exc})") from None
+        parsed = urlparse(url)
         if parsed.scheme in ("http", "https"):
             if self._is_ls_url(parsed) and self._local_file_path(parsed) is not None:
                 return self._read_local(self._local_file_path(parsed), url)
