@@ -268,6 +268,11 @@ class ParsingCache:
         key = self.results_key(digest, variant)
         self._redis_call(lambda c: c.set(key, data, ex=self.ttl if self.ttl > 0 else None))
 
+    def call(self, op: Callable[[redis.Redis], object]) -> object | None:
+        """One command on the cache's Redis with the cache's failure handling (None when disabled or down);
+        for small indexes that live next to the cache (backend/task_index.py)."""
+        return self._redis_call(op)
+
     # ----- internals -----
 
     def _lookup_or_compute(self, key: str, compute: Callable[[], Parsing]) -> tuple[Parsing, bool]:

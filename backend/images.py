@@ -1,8 +1,10 @@
 """Image fetching and decoding: a task's image URL -> bytes -> a PIL RGB image, with limits.
 
 URLs a Label Studio task can carry:
-- `/data/upload/...` and other LS-relative paths (`/tasks/<id>/presign?...` for cloud storage): fetched from
-  `LABEL_STUDIO_URL` with the API key;
+- `/data/upload/...` and other LS-relative paths: fetched from `LABEL_STUDIO_URL` with the API key;
+- cloud-storage URIs (`s3://`, `gs://`, `azure-blob://`) and LS's `/tasks/<id>/resolve/?fileuri=...` form: resolved
+  by Label Studio for the task (backend/storage_uris.py); a presigned redirect target gets no token;
+- absolute URLs on `LABEL_STUDIO_HOST` (LS's public origin): fetched through `LABEL_STUDIO_URL` like relative ones;
 - `/data/local-files/?d=<path>`: read from disk under `LOCAL_FILES_DOCUMENT_ROOT` when set (no HTTP round trip,
   same path rules as LS's own view), else fetched from Label Studio like any LS-relative URL;
 - absolute `http(s)://` URLs: fetched directly; the API key is sent only when the host is Label Studio's;
@@ -32,7 +34,7 @@ from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlparse
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from backend import net_guard
+from backend import net_guard, storage_uris
 from backend.errors import InputError
 from backend.net_guard import shorten, status_text
 from backend.settings import Settings
@@ -129,8 +131,9 @@ class ImageFetcher:
 
     # ----- public -----
 
-    def fetch(self, url: str) -> bytes:
-        """The bytes behind a task's image URL, at most `image_max_bytes` of them."""
+    def fetch(self, url: str, task_id: object = None) -> bytes:
+        """The bytes behind a task's image URL, at most `image_max_bytes` of them. `task_id` (the Label Studio
+        task the URL comes from) is what lets Label Studio resolve a cloud-storage URI."""
         if not isinstance(url, str) or not url.strip():
             raise ImageFetchError(f"task has no image URL (got {url!r})")
         url = url.strip()
@@ -140,17 +143,22 @@ class ImageFetcher:
             raise ImageBadUrl(f"{shorten(url)}: URL longer than IMAGE_MAX_URL_LENGTH="
                               f"{self.settings.image_max_url_length}")
         try:
+            urlparse(url).port  # noqa: B018 - raises ValueError for a malformed port or IPv6 host
+            url = storage_uris.rebase_on_label_studio(url, self._ls_url, self.settings.label_studio_host)
+            resolve = storage_uris.ls_resolve_target(url, task_id, self._ls_url, self.settings.label_studio_host)
             parsed = urlparse(url)
-            parsed.port  # noqa: B018 - raises ValueError for a malformed port or IPv6 host
+            parsed.port  # noqa: B018
         except ValueError as exc:
             raise ImageBadUrl(f"{shorten(url)}: malformed URL ({exc})") from None
+        if resolve is not None:
+            return self._from_ls_resolve(resolve)
         if parsed.scheme in ("http", "https"):
             if self._is_ls_url(parsed) and self._local_file_path(parsed) is not None:
                 return self._read_local(self._local_file_path(parsed), url)
             return self._http_get(url, auth=self._is_ls_url(parsed))
         if parsed.scheme:
-            raise ImageBadUrl(f"{shorten(url)}: unsupported URL scheme {shorten(parsed.scheme, 20)!r} (expected http(s), "
-                                  "an LS-relative /data/... URL or a data: URI)")
+            raise ImageBadUrl(f"{shorten(url)}: unsupported URL scheme {shorten(parsed.scheme, 20)!r} (expected "
+                              "http(s), an LS-relative /data/... URL, s3:// gs:// azure-blob:// or a data: URI)")
         local = self._local_file_path(parsed)
         if local is not None:
             return self._read_local(local, url)
@@ -211,6 +219,39 @@ class ImageFetcher:
         self._check_size(len(data), "data: URI")
         return data
 
+    # ----- cloud storage, through Label Studio -----
+
+    def _from_ls_resolve(self, target: storage_uris.LsResolve) -> bytes:
+        """Label Studio's resolve endpoint: the bytes it proxies, or its 303 to a presigned URL, followed here
+        (not by the request) so that the token never goes to the storage host."""
+        send_key = bool(self._api_key)
+        response = self._guarded("GET", target.url, auth=send_key, max_redirects=0)
+        if response.status == 401 and self._is_pat:
+            self._auth_header(force_refresh=True)
+            response = self._guarded("GET", target.url, auth=send_key, max_redirects=0)
+        if response.status in storage_uris.REDIRECT_STATUSES:
+            return self._from_presigned(storage_uris.presigned_target(target, response.headers.get("Location")))
+        error = storage_uris.resolve_error(target, response.status, send_key)
+        if error is not None:
+            raise error
+        return response.body
+
+    def _from_presigned(self, presigned: storage_uris.PresignedUrl) -> bytes:
+        """The storage's own URL that Label Studio redirected to: no token, and never the signed URL in a message."""
+        try:
+            # The storage's error document gives its code ("NoSuchKey"): only that code is kept, never the text.
+            response = self._guarded("GET", presigned.url, auth=False, error_bytes=4096)
+            if response.status >= 300:
+                raise storage_uris.presigned_error(presigned, response.status,
+                                                   storage_uris.storage_error_code(response.body))
+            return response.body
+        except InputError as exc:
+            shown = shorten(presigned.url)
+            if presigned.url not in str(exc) and shown not in str(exc):
+                raise
+            raise type(exc)(str(exc).replace(presigned.url, presigned.shown).replace(shown, presigned.shown),
+                            reason=exc.reason) from None
+
     # ----- HTTP -----
 
     def _is_ls_url(self, parsed) -> bool:
@@ -218,7 +259,8 @@ class ImageFetcher:
         return self._policy.ls_origin is not None and net_guard.Origin.of(parsed.geturl()) == self._policy.ls_origin
 
     def _guarded(self, method: str, url: str, *, auth: bool, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, max_redirects: int | None = None) -> net_guard.Response:
+                 headers: dict[str, str] | None = None, max_redirects: int | None = None,
+                 error_bytes: int = 0) -> net_guard.Response:
         """One request through the outbound policy (backend/net_guard.py), its failures worded as ImageErrors."""
         settings = self.settings
         try:
@@ -228,7 +270,7 @@ class ImageFetcher:
                 credentials_origin=self._policy.ls_origin,
                 deadline_s=settings.image_connect_timeout + settings.image_read_timeout,
                 connect_timeout=settings.image_connect_timeout, read_timeout=settings.image_read_timeout,
-                max_bytes=settings.image_max_bytes,
+                max_bytes=settings.image_max_bytes, error_bytes=error_bytes,
                 max_redirects=settings.image_max_redirects if max_redirects is None else max_redirects)
         except net_guard.TooLarge as exc:
             raise ImageTooLarge(f"{exc} (IMAGE_MAX_BYTES)") from None

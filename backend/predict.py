@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -35,7 +35,7 @@ from backend.engine.types import Parsing
 from backend.errors import InputError, describe, reason_of
 from backend.images import ImageFetcher, decode_image
 from backend.inference import InferenceThreads
-from backend.ls_config import DEFAULT_CLASSES, ControlSpec, LabelConfigError, parse_label_config
+from backend.ls_config import ControlSpec, LabelConfigError, parse_label_config
 from backend.ls_results import build_prediction, parsing_to_results
 from backend.net_guard import shorten
 from backend.settings import Settings
@@ -87,6 +87,7 @@ class TaskOutcome:
     failure: Failure | None = None
     inferences: int = 0                              # model runs for this task (0: every image came from a cache)
     parsings: dict[str, Parsing] | None = None       # per data key, only when asked for (folder mode's PNGs)
+    digests: dict[str, str] = field(default_factory=dict)  # per data key, sha256 of the image bytes used
 
     @property
     def ok(self) -> bool:
@@ -172,7 +173,7 @@ class Predictor:
                 data = images.get(image.data_key) if images is not None else None
                 if data is None:
                     url = _image_url(task, image.data_key)
-                    data = (fetcher or self.fetcher).fetch(url)
+                    data = (fetcher or self.fetcher).fetch(url, task_id=task_id)
                 results.extend(self._image_results(data, image, outcome))
                 url = None
             outcome.prediction = build_prediction(results, self.model_version, plan.label_config)
@@ -189,6 +190,7 @@ class Predictor:
     def _image_results(self, data: bytes, image: ImagePlan, outcome: TaskOutcome) -> list[dict]:
         """The result items of one image for the controls on it: results cache, else parsing (cache) + regions."""
         digest = image_digest(data)
+        outcome.digests[image.data_key] = digest
         if outcome.parsings is None:
             cached = self.cache.get_results(digest, image.variant)
             if isinstance(cached, list):
@@ -263,10 +265,9 @@ _RESULTS_CODE = _results_code_version()
 
 
 @lru_cache(maxsize=64)
-def plan_config(label_config: str, settings: Settings, classes: tuple[str, ...] = DEFAULT_CLASSES,
-                model_version: str = "") -> ConfigPlan:
-    """The plan of a config for a model with these classes and version (without a loaded model, e.g. to check
-    a config before enqueuing: the hub model's classes); LabelConfigError when it cannot be served."""
+def plan_config(label_config: str, settings: Settings, classes: tuple[str, ...], model_version: str = "") -> ConfigPlan:
+    """The plan of a config for a model with these classes and version (the CLI checks a config before loading
+    the weights, with the classes of the model's configuration.json); LabelConfigError when it cannot be served."""
     controls = parse_label_config(label_config, settings, classes)
     groups: dict[str, list[ControlSpec]] = {}
     names: dict[str, str] = {}

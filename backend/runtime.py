@@ -79,6 +79,17 @@ def build_runtime(parser: HumanParser, settings: Settings) -> Runtime:
     return Runtime(settings=settings, parser=parser, predictor=predictor)
 
 
+def model_classes(settings: Settings) -> tuple[str, ...]:
+    """The classes of the model the settings name, read from its configuration.json without loading weights
+    (the CLI checks a labeling config against them before anything slow; the export maps labels back to them).
+    Raises engine.source.ModelNotAvailableError when the model folder cannot be had."""
+    from backend.engine import load_config
+    from backend.engine.source import resolve
+
+    source = resolve(settings.model, revision=settings.model_revision, cache_dir=settings.model_cache_dir)
+    return tuple(load_config(source.path).classes)
+
+
 _RUNTIME: Runtime | None = None
 _RUNTIME_LOCK = threading.Lock()
 

@@ -5,7 +5,9 @@
                      cannot serve (LS shows the message on the model card)
     POST /predict    {"tasks", "label_config", "project", "params": {"context"}} -> {"results": [one entry per
                      task], "model_version"} (see model.py for what an entry is)
-    POST /webhook    Label Studio's project events: acknowledged
+    POST /webhook    Label Studio's project events: TASKS_CREATED queues the new tasks (backend/offload.py),
+                     the rest are acknowledged
+    GET  /projects/<id>/status   progress of the project's queued tasks (backend/batch/tracking.py)
     GET  /versions   the one model version
     POST /train      nothing to train: pre-labeling only
     GET  /metrics    this process's counters (tasks, failures by reason, cache)
@@ -29,6 +31,7 @@ from backend.auth import install_auth
 from backend.errors import InputError
 from backend.limits import install_body_limits
 from backend.ls_config import LabelConfigError
+from backend.offload import Offload
 from backend.runtime import Runtime, get_runtime
 from backend.settings import Settings, get_settings
 from backend.web import web_blueprint
@@ -63,6 +66,7 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     install_auth(app, settings)
     install_body_limits(app, settings)
+    offload = Offload(settings, current)
 
     @app.get("/health")
     @app.get("/")
@@ -105,17 +109,18 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
         except LabelConfigError as exc:
             logger.warning("/predict for project %s: %s", data.get("project"), exc)
             return _error(400, exc.reason, str(exc))
-        results = model.predict(tasks, context=context)
+        results = offload.predict(model, tasks, context, data.get("project"))
+        if results is None:
+            results = model.predict(tasks, context=context)
         failed = sum(1 for r in results if r == [])
         logger.info("/predict project=%s tasks=%d predictions=%d failed=%d", data.get("project"), len(tasks),
                     len(tasks) - failed, failed)
         return jsonify({"results": results, "model_version": model.model_version})
 
     @app.post("/webhook")
-    def webhook() -> Response:
-        data = _json_object() or {}
-        return jsonify({"status": "ignored", "action": data.get("action"),
-                        "reason": "pre-labeling backend: annotations do not train the model"})
+    def webhook() -> tuple[Response, int]:
+        answer, code = offload.webhook(_json_object() or {})
+        return jsonify(answer), code
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions() -> Response:
@@ -151,6 +156,7 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
 
     if settings.web_ui:
         app.register_blueprint(web_blueprint(current, settings))
+    app.register_blueprint(offload.blueprint())
     if preload:
         current()
     return app

@@ -29,6 +29,7 @@ class Settings:
     # --- Label Studio ---
     label_studio_url: str = ""               # LABEL_STUDIO_URL: base URL used to resolve /data/... image URLs
     label_studio_api_key: str = ""           # LABEL_STUDIO_API_KEY: legacy token or personal access token
+    label_studio_host: str = ""              # LABEL_STUDIO_HOST: LS's public origin, when LS puts it in URLs
     # --- image fetching ---
     image_connect_timeout: float = 5.0       # IMAGE_CONNECT_TIMEOUT (s)
     image_read_timeout: float = 30.0         # IMAGE_READ_TIMEOUT (s)
@@ -65,6 +66,9 @@ class Settings:
     rq_queue: str = "m2fp"                   # RQ_QUEUE: queue the batch CLI and workers share
     batch_job_timeout: int = 600             # BATCH_JOB_TIMEOUT (s): one batch job (image/task) at most
     batch_retries: int = 2                   # BATCH_RETRIES: re-runs of a job whose worker failed or died
+    # --- offloading to the workers (backend/offload.py; needs REDIS_URL and workers on RQ_QUEUE) ---
+    predict_inline_max_tasks: int = 8        # PREDICT_INLINE_MAX_TASKS: more uncached tasks in one /predict -> queued
+    prelabel_on_import: bool = True          # PRELABEL_ON_IMPORT: queue tasks Label Studio's TASKS_CREATED announces
 
 
 _ENV_NAMES = {
@@ -75,6 +79,7 @@ _ENV_NAMES = {
     "threads": "M2FP_THREADS",
     "label_studio_url": "LABEL_STUDIO_URL",
     "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+    "label_studio_host": "LABEL_STUDIO_HOST",
     "image_connect_timeout": "IMAGE_CONNECT_TIMEOUT",
     "image_read_timeout": "IMAGE_READ_TIMEOUT",
     "image_max_bytes": "IMAGE_MAX_BYTES",
@@ -106,6 +111,8 @@ _ENV_NAMES = {
     "rq_queue": "RQ_QUEUE",
     "batch_job_timeout": "BATCH_JOB_TIMEOUT",
     "batch_retries": "BATCH_RETRIES",
+    "predict_inline_max_tasks": "PREDICT_INLINE_MAX_TASKS",
+    "prelabel_on_import": "PRELABEL_ON_IMPORT",
 }
 
 

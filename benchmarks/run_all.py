@@ -2,7 +2,7 @@
 
 Convention for benchmark scripts (follow it when adding one):
   - A benchmark is `benchmarks/bench_<name>.py`, runnable on its own with the product venv and no
-    arguments: `.venv/bin/python benchmarks/bench_<name>.py`. Defaults are the figures we publish.
+    arguments: `.venv/bin/python -m benchmarks.bench_<name>`. Defaults are the figures we publish.
   - It measures against a reference IN THE SAME RUN and reports ratios (the machine is shared and noisy;
     absolute seconds from different runs do not compare). It states its settings: threads, allocator
     (`MALLOC_*`) environment, image sizes, repeats, what the reference is.
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
 SECTIONS_DIR = ROOT / "docs" / "benchmarks"
 OUTPUT = ROOT / "docs" / "benchmarks.md"
-SECTION_ORDER = ["engine", "server", "polygons", "batch", "memory"]
+SECTION_ORDER = ["engine", "server", "polygons", "batch", "download", "export", "webhooks", "memory"]
 TIMEOUT_S = 3600
 
 

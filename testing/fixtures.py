@@ -2,8 +2,9 @@
 random-weight models built once per machine.
 
 Fixture names are an interface the test modules rely on: `model_dir`, `plain_model_dir`, `parser`,
-`sample_images`, `redis_server`, `label_studio`, `backend_server`. Model folders are built once by
-testing/random_model.py into $M2FP_CACHE/models/<variant>-<hash>/ and reused (building one takes a minute of CPU).
+`sample_images`, `redis_server`, `label_studio`, `backend_server`, `s3_server`, `gcs_server`. Model folders are
+built once by testing/random_model.py into $M2FP_CACHE/models/<variant>-<hash>/ and reused (building one takes a
+minute of CPU).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 from testing.backend_server import BackendServer, start_backend
 from testing.label_studio import start_label_studio
 from testing.random_model import cached_model, make_sample_image
+from testing.gcs_server import GcsServer, start_gcs_server
 from testing.redis_server import RedisServer
+from testing.s3_server import S3Server, start_s3_server
 
 
 # name -> (width, height): landscape VGA, landscape HD and a portrait, so resizing, padding and
@@ -77,6 +80,27 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory):
     finally:
         server.stop()
 
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+    """The session's S3-compatible server (moto, testing/s3_server.py): endpoint, client(), put_images(),
+    requests() (what it received); use a bucket of your own."""
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> GcsServer:
+    """The session's GCS emulator (testing/gcs_server.py): endpoint, put_images(), label_studio_env()."""
+    server = start_gcs_server(tmp_path_factory.mktemp("gcs"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """`m2fp-prelabel`: pre-label a folder of images or a whole Label Studio project, locally or through RQ workers.
 
     m2fp-prelabel folder IMAGES_DIR --label-config config.xml --out OUT_DIR [--masks] [--overlays]
-    m2fp-prelabel project PROJECT_ID --ls-url URL --api-key KEY [--enqueue | --local]
+    m2fp-prelabel project PROJECT_ID --ls-url URL --api-key KEY [--enqueue | --local] [--force] [--skip-annotated]
+    m2fp-prelabel status PROJECT_ID [--redis-url URL] [--json]
     m2fp-prelabel worker [--redis-url URL] [--queue NAME]
+    m2fp-prelabel export PROJECT_ID --format cihp|coco --out DIR   (annotations as a training set: backend/export)
 
 Exit status: 0 when every item succeeded (or was already done), 1 when any failed or was left unfinished,
 2 for a usage error (bad labeling config, unknown project, empty folder, unreachable Redis).
@@ -98,7 +100,8 @@ def cmd_folder(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot read the labeling config {args.label_config}: {exc.strerror or exc}") from exc
     settings = _settings(args)
-    plan = _check_label_config(label_config, settings)
+    classes = _model_classes(settings)
+    plan = _check_label_config(label_config, settings, classes)
     try:
         items = folder.list_items(images_dir, plan.data_keys)
     except NotADirectoryError as exc:
@@ -140,12 +143,10 @@ def cmd_folder(args: argparse.Namespace) -> int:
             jobs.wait(queue, job_ids, progress, on_result=collect)
         finally:
             summary = progress.close()
-        classes = _classes_from_workers(tasks, args, settings)
     else:
         from model import M2FPModel
 
         model = M2FPModel(label_config, runtime=_load_runtime(settings))
-        classes = list(model.runtime.classes)
         progress = Progress(len(items), desc="folder")  # after loading: the rate is the steady-state one
 
         def work(item: folder.FolderItem) -> ItemResult:
@@ -160,31 +161,32 @@ def cmd_folder(args: argparse.Namespace) -> int:
 
     ordered = [tasks[k] for k in sorted(tasks)]
     folder.remove_task_parts(out_dir)
-    if classes:
-        folder.write_legend(out_dir, classes, args.masks, args.overlays)
+    if args.masks or args.overlays:
+        folder.write_legend(out_dir, list(classes), args.masks, args.overlays)
     tasks_path = folder.write_run_files(out_dir, ordered, summary)
     print(f"wrote {len(ordered)} tasks to {tasks_path}", file=sys.stderr)
     return _finish(summary)
 
 
-def _classes_from_workers(tasks: dict, args: argparse.Namespace, settings: Settings) -> list[str]:
-    """The model's classes for the legend files. The workers loaded the model, this process did not: its
-    configuration.json says (no network weights needed)."""
-    if not (args.masks or args.overlays):
-        return []
-    from backend.engine import load_config
-    from backend.engine.source import resolve
+def _model_classes(settings: Settings) -> tuple[str, ...]:
+    """The model's classes from its configuration.json, without loading the weights: the config is checked
+    against what this model really predicts before anything slow starts (and the legend files need them when
+    workers, not this process, load the model)."""
+    from backend.engine.source import ModelNotAvailableError
+    from backend.runtime import model_classes
 
-    source = resolve(settings.model, revision=settings.model_revision, cache_dir=settings.model_cache_dir)
-    return list(load_config(source.path).classes)
+    try:
+        return model_classes(settings)
+    except ModelNotAvailableError as exc:
+        raise UsageError(f"cannot read the model's classes: {exc}") from exc
 
 
-def _check_label_config(label_config: str, settings: Settings) -> ConfigPlan:
+def _check_label_config(label_config: str, settings: Settings, classes: tuple[str, ...]) -> ConfigPlan:
     """What the config asks for, checked before loading a model or enqueuing anything."""
     from backend.predict import plan_config
 
     try:
-        return plan_config(label_config, settings)
+        return plan_config(label_config, settings, classes)
     except InputError as exc:
         raise UsageError(f"labeling config: {describe(exc)}") from exc
 
@@ -202,7 +204,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         label_config, title = project.project_label_config(client, args.project_id)
     except Exception as exc:
         raise UsageError(f"cannot read project {args.project_id} at {args.ls_url}: {describe(exc)}") from exc
-    _check_label_config(label_config, settings)
+    _check_label_config(label_config, settings, _model_classes(settings))
 
     model = None
     model_version = args.model_version
@@ -211,18 +213,20 @@ def cmd_project(args: argparse.Namespace) -> int:
 
         model = M2FPModel(label_config, runtime=_load_runtime(settings))
         model_version = model_version or model.model_version
-    pending, already = project.tasks_to_predict(client, args.project_id, model_version)
-    log.info("project %s %r: %d tasks to pre-label, %d already have model version %s",
-             args.project_id, title, len(pending), already, model_version)
-    run = project.ProjectRun(args.project_id, label_config, model_version, args.ls_url)
+    selection = project.select_tasks(client, args.project_id, model_version, force=args.force,
+                                     skip_annotated=args.skip_annotated)
+    pending, already = selection.pending, selection.already_done
+    log.info("project %s %r: %d tasks to pre-label, %d already have model version %s, %d annotated left alone",
+             args.project_id, title, len(pending), already, model_version, selection.annotated)
+    run = project.ProjectRun(args.project_id, label_config, model_version, args.ls_url, force=args.force)
     progress = Progress(len(pending), desc=f"project {args.project_id}")
 
     if args.enqueue:
         queue = _queue(args)
-        specs = [jobs.JobSpec(jobs.stable_job_id("task", args.ls_url, args.project_id, t.id, model_version,
-                                                  label_config), f"task {t.id}", jobs.project_task_job,
+        specs = [jobs.JobSpec(project.task_job_id(run, t.id), f"task {t.id}", jobs.project_task_job,
                               (dataclasses.asdict(t), dataclasses.asdict(run))) for t in pending]
         job_ids = jobs.enqueue(queue, specs, args.job_timeout, args.retries)
+        _track_queued(queue, run, pending)
         log.info("enqueued %d tasks on queue %r; waiting for workers", len(job_ids), queue.name)
         try:
             jobs.wait(queue, job_ids, progress)
@@ -240,10 +244,40 @@ def cmd_project(args: argparse.Namespace) -> int:
             summary = progress.close()
     summary_dict = summary.to_dict()
     summary_dict["already_done"] = already
+    summary_dict["annotated_skipped"] = selection.annotated
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary_dict, indent=1) + "\n")
     print(f"{already} tasks already had a prediction of {model_version}", file=sys.stderr)
     return _finish(summary)
+
+
+def _track_queued(queue: Any, run: Any, pending: list) -> None:
+    from backend.batch import project, tracking
+
+    with queue.connection.pipeline() as pipe:
+        tracking.mark_queued(pipe, run.project_id, run.model_version,
+                             {t.id: project.task_job_id(run, t.id) for t in pending}, "cli")
+        pipe.execute()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Progress of a project's queued tasks, as the backend's GET /projects/<id>/status reports it."""
+    from backend.batch import tracking
+
+    if not args.redis_url:
+        raise UsageError("status reads Redis: pass --redis-url or set REDIS_URL")
+    connection = worker_cli.redis_connection(args.redis_url)
+    try:
+        status = tracking.project_status(connection, args.project_id, args.model_version)
+    except Exception as exc:
+        raise UsageError(f"cannot read progress from Redis at {args.redis_url}: {describe(exc)}") from exc
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=1))
+    else:
+        print(status.line())
+        for failure in status.failures:
+            print(f"FAILED task {failure['task']}: {failure['reason']}")
+    return 1 if status.failed else 0
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -299,8 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "spares this process loading the model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for local mode (default: M2FP_THREADS)")
     p.add_argument("--summary-json", default="", help="also write the summary to this file")
+    p.add_argument("--force", action="store_true",
+                   help="re-predict tasks that already have a prediction of this model version (it is replaced)")
+    p.add_argument("--skip-annotated", action="store_true", help="leave tasks that have annotations alone")
     _add_queue_arguments(p, settings)
     p.set_defaults(func=cmd_project)
+
+    p = sub.add_parser("status", help="progress of a project's queued tasks (webhook, /predict and --enqueue)")
+    p.add_argument("project_id", type=int)
+    p.add_argument("--redis-url", default=settings.redis_url, help="Redis of the queue (default: REDIS_URL)")
+    p.add_argument("--model-version", default="", help="default: the version of the latest queued task")
+    p.add_argument("--json", action="store_true", help="the status as JSON (what the backend's endpoint answers)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="export a project's annotations as a training set (CIHP layout or COCO)")
+    from backend.export import cli as export_cli
+
+    export_cli.add_arguments(p, settings)
 
     p = sub.add_parser("worker", help="run an RQ worker for batch jobs (model loaded once)")
     worker_cli.add_arguments(p)

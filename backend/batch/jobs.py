@@ -18,6 +18,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backend.errors import describe
+from backend.batch import tracking
 from backend.batch.progress import FAILED, ItemResult, Progress
 
 log = logging.getLogger("m2fp.batch")
@@ -26,7 +27,8 @@ ACTIVE_STATUSES = {"queued", "started", "scheduled", "deferred"}
 # Jobs travel as JSON, never pickle: anyone who can write to Redis could otherwise make a worker run code while
 # it merely reads a job. And a worker runs only these functions, whatever a forged job names.
 SERIALIZER = JSONSerializer
-ALLOWED_FUNCTIONS = frozenset({"backend.batch.jobs.folder_image_job", "backend.batch.jobs.project_task_job"})
+ALLOWED_FUNCTIONS = frozenset({"backend.batch.jobs.folder_image_job", "backend.batch.jobs.project_task_job",
+                               "backend.offload.fanout_job"})
 
 
 class ForbiddenJobError(Exception):
@@ -92,8 +94,15 @@ def project_task_job(task: dict, run: dict) -> dict:
     if not api_key:
         raise RuntimeError("set LABEL_STUDIO_API_KEY for this worker (API keys never travel through Redis)")
     job = get_current_job()
+    connection = job.connection if job else None
+    project_task = ProjectTask(**task)
+    # Progress for `GET /projects/<id>/status` (backend/batch/tracking.py); a failure here is the job's own.
+    tracking.mark(connection, project_run.project_id, project_task.id, project_run.model_version, tracking.RUNNING,
+                  job.id if job else "")
     result = process_task(M2FPModel(project_run.label_config, runtime=runtime), runtime.ls_client(url, api_key),
-                          job.connection if job else None, project_run, ProjectTask(**task))
+                          connection, project_run, project_task)
+    tracking.mark(connection, project_run.project_id, project_task.id, project_run.model_version,
+                  tracking.state_of_result(result), job.id if job else "", result.reason)
     return _result_dict(result)
 
 
