@@ -149,7 +149,9 @@ def s3_projects(label_studio, s3_server) -> dict[str, tuple[int, list[int]]]:
 
 
 def _fetcher(label_studio, **overrides) -> ImageFetcher:
-    values = {"label_studio_url": label_studio.url, "label_studio_api_key": label_studio.token} | overrides
+    # Presigned URLs point at the S3 stand-in on loopback, which downloads may reach only when allowed.
+    values = {"label_studio_url": label_studio.url, "label_studio_api_key": label_studio.token,
+              "image_url_allow": "127.0.0.1"} | overrides
     return ImageFetcher(Settings(**values))
 
 
@@ -237,7 +239,8 @@ def test_label_studio_refusals_are_specific_errors(label_studio, s3_server, s3_p
 @pytest.fixture(scope="module")
 def backend(backend_server, model_dir: Path, redis_server, label_studio):
     return backend_server(env={"M2FP_MODEL": str(model_dir), "REDIS_URL": redis_server.url,
-                               "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token})
+                               "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+                               "IMAGE_URL_ALLOW": "127.0.0.1"})   # the S3 stand-in of presigned URLs
 
 
 def test_retrieve_predictions_for_s3_projects_presigned_and_proxied(label_studio, s3_projects, backend) -> None:
@@ -274,7 +277,7 @@ def test_project_mode_reads_s3_tasks(label_studio, s3_server, model_dir: Path, r
     s3_server.put_images(bucket, {"people/one.jpg": IMAGES["people/one.jpg"]})
     project = create_project(label_studio, CONFIG, title="s3 project mode")
     (tid,) = import_s3_storage(label_studio, project, s3_server, bucket, presign=True)
-    env = base_env(model_dir, cache_url=redis_server.url)
+    env = base_env(model_dir, cache_url=redis_server.url) | {"IMAGE_URL_ALLOW": "127.0.0.1"}  # the S3 stand-in
     summary = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, "-m", "backend.batch.cli", "project", str(project), "--ls-url",
                            label_studio.url, "--api-key", label_studio.token, "--local", "--summary-json",
