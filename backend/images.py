@@ -144,13 +144,14 @@ class ImageFetcher:
                               f"{self.settings.image_max_url_length}")
         try:
             urlparse(url).port  # noqa: B018 - raises ValueError for a malformed port or IPv6 host
+            url = storage_uris.rebase_on_label_studio(url, self._ls_url, self.settings.label_studio_host)
+            resolve = storage_uris.ls_resolve_target(url, task_id, self._ls_url, self.settings.label_studio_host)
+            parsed = urlparse(url)
+            parsed.port  # noqa: B018
         except ValueError as exc:
             raise ImageBadUrl(f"{shorten(url)}: malformed URL ({exc})") from None
-        url = storage_uris.rebase_on_label_studio(url, self._ls_url, self.settings.label_studio_host)
-        resolve = storage_uris.ls_resolve_target(url, task_id, self._ls_url, self.settings.label_studio_host)
         if resolve is not None:
             return self._from_ls_resolve(resolve)
-        parsed = urlparse(url)
         if parsed.scheme in ("http", "https"):
             if self._is_ls_url(parsed) and self._local_file_path(parsed) is not None:
                 return self._read_local(self._local_file_path(parsed), url)
@@ -222,10 +223,10 @@ class ImageFetcher:
 
     def _from_ls_resolve(self, target: storage_uris.LsResolve) -> bytes:
         """Label Studio's resolve endpoint: the bytes it proxies, or its 303 to a presigned URL, followed here
-        (not by the guard) so that the token never goes to the storage host."""
+        (not by the request) so that the token never goes to the storage host."""
         send_key = bool(self._api_key)
         response = self._guarded("GET", target.url, auth=send_key, max_redirects=0)
-        if response.status == 401 and send_key and self._is_pat:
+        if response.status == 401 and self._is_pat:
             self._auth_header(force_refresh=True)
             response = self._guarded("GET", target.url, auth=send_key, max_redirects=0)
         if response.status in storage_uris.REDIRECT_STATUSES:
@@ -236,18 +237,20 @@ class ImageFetcher:
         return response.body
 
     def _from_presigned(self, presigned: storage_uris.PresignedUrl) -> bytes:
-        """The storage's own URL that Label Studio redirected to: no token, the same outbound policy as any URL
-        (a storage on a private network must be in IMAGE_URL_ALLOW), never the signed URL in a message."""
+        """The storage's own URL that Label Studio redirected to: no token, and never the signed URL in a message."""
         try:
-            response = self._guarded("GET", presigned.url, auth=False)
+            # The storage's error document gives its code ("NoSuchKey"): only that code is kept, never the text.
+            response = self._guarded("GET", presigned.url, auth=False, error_bytes=4096)
             if response.status >= 300:
                 raise storage_uris.presigned_error(presigned, response.status,
                                                    storage_uris.storage_error_code(response.body))
             return response.body
         except InputError as exc:
-            if presigned.url not in str(exc):
+            shown = shorten(presigned.url)
+            if presigned.url not in str(exc) and shown not in str(exc):
                 raise
-            raise type(exc)(str(exc).replace(presigned.url, presigned.shown), reason=exc.reason) from None
+            raise type(exc)(str(exc).replace(presigned.url, presigned.shown).replace(shown, presigned.shown),
+                            reason=exc.reason) from None
 
     # ----- HTTP -----
 
@@ -256,7 +259,8 @@ class ImageFetcher:
         return self._policy.ls_origin is not None and net_guard.Origin.of(parsed.geturl()) == self._policy.ls_origin
 
     def _guarded(self, method: str, url: str, *, auth: bool, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, max_redirects: int | None = None) -> net_guard.Response:
+                 headers: dict[str, str] | None = None, max_redirects: int | None = None,
+                 error_bytes: int = 0) -> net_guard.Response:
         """One request through the outbound policy (backend/net_guard.py), its failures worded as ImageErrors."""
         settings = self.settings
         try:
@@ -266,7 +270,7 @@ class ImageFetcher:
                 credentials_origin=self._policy.ls_origin,
                 deadline_s=settings.image_connect_timeout + settings.image_read_timeout,
                 connect_timeout=settings.image_connect_timeout, read_timeout=settings.image_read_timeout,
-                max_bytes=settings.image_max_bytes,
+                max_bytes=settings.image_max_bytes, error_bytes=error_bytes,
                 max_redirects=settings.image_max_redirects if max_redirects is None else max_redirects)
         except net_guard.TooLarge as exc:
             raise ImageTooLarge(f"{exc} (IMAGE_MAX_BYTES)") from None

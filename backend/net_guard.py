@@ -43,9 +43,6 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _URL_SHOWN = 200
 
 
-_ERROR_BODY_BYTES = 4096
-
-
 class GuardError(InputError):
     """Base of the errors raised here; images.py maps them onto its ImageError classes by `reason`."""
 
@@ -270,12 +267,27 @@ def _read_body(response: http.client.HTTPResponse, sock_of, deadline: _Deadline,
             raise TooLarge(f"{shorten(url)}: more than the limit of {max_bytes} bytes")
 
 
+def _read_prefix(response: http.client.HTTPResponse, sock_of, deadline: _Deadline, read_timeout: float,
+                 limit: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < limit:
+        sock = sock_of()
+        if sock is not None:
+            sock.settimeout(min(read_timeout, deadline.left()))
+        chunk = response.read1(limit - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
 def guarded_request(policy: UrlPolicy, method: str, url: str, *, headers: dict[str, str] | None = None,
                     credentials: dict[str, str] | None = None, credentials_origin: Origin | None = None,
                     body: bytes | None = None, deadline_s: float, connect_timeout: float, read_timeout: float,
-                    max_bytes: int, max_redirects: int = 5) -> Response:
+                    max_bytes: int, max_redirects: int = 5, error_bytes: int = 0) -> Response:
     """One request under the policy, following up to `max_redirects` redirects (0: none; a 3xx is returned as
-    is). `read_timeout` bounds each wait for bytes, `deadline_s` the whole download. `credentials` headers go
+    is). `error_bytes`: how much of an error answer (status >= 300) to read, for a caller that extracts a code
+    from it (0: none). `read_timeout` bounds each wait for bytes, `deadline_s` the whole download. `credentials` headers go
     only to `credentials_origin`. Raises GuardError subclasses or TimeoutError /
     OSError / http.client.HTTPException for transport failures (the caller words them)."""
     deadline = _Deadline(deadline_s)
@@ -304,10 +316,10 @@ def guarded_request(policy: UrlPolicy, method: str, url: str, *, headers: dict[s
                     raise GuardError(f"{shorten(url)}: more than {max_redirects} redirects")
                 if response.status < 300:
                     data = _read_body(response, lambda: conn.sock, deadline, read_timeout, max_bytes, current)
+                elif error_bytes > 0:
+                    data = _read_prefix(response, lambda: conn.sock, deadline, read_timeout, error_bytes)
                 else:
-                    # An error answer: its first bytes only, so a caller can read a machine error code (a
-                    # storage's <Code>); never shown or logged as they are.
-                    data = response.read(_ERROR_BODY_BYTES)
+                    data = b""
                 return Response(response.status, response.headers, data, current)
             except (OSError, http.client.HTTPException, ValueError):
                 if deadline.expired:

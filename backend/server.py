@@ -62,11 +62,11 @@ def create_app(runtime: Runtime | None = None, *, settings: Settings | None = No
     configure_logging(settings)
     current: Callable[[], Runtime] = (lambda: runtime) if runtime is not None else (lambda: get_runtime(settings))
     app = Flask("m2fp")
-    offload = Offload(settings, current)
     # Label Studio's routes; an interactive /predict carries a task with all its regions (~3 MB for 1280x720).
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     install_auth(app, settings)
     install_body_limits(app, settings)
+    offload = Offload(settings, current)
 
     @app.get("/health")
     @app.get("/")
