@@ -53,13 +53,12 @@ class M2FPModel(LabelStudioMLBase):
         return [o.prediction if o.prediction is not None else [] for o in self.predict_outcomes(tasks, context)]
 
     def predict_outcomes(self, tasks: Sequence[Mapping], context: dict | None = None, *,
-                         images: Sequence[Mapping[str, bytes]] | None = None, keep_parsings: bool = False,
-                         ls_url: str = "") -> list[TaskOutcome]:
+                         images: Sequence[Mapping[str, bytes]] | None = None,
+                         keep_parsings: bool = False) -> list[TaskOutcome]:
         """`predict` with the reasons: one TaskOutcome per task. `images` (data key -> bytes, per task) when the
-        caller already has them (folder mode); `ls_url` resolves Label Studio URLs when this process has no
-        LABEL_STUDIO_URL of its own (workers following the CLI)."""
+        caller already has them (folder mode)."""
         return self.runtime.predictor.predict_tasks(tasks, self.plan, images=images, keep_parsings=keep_parsings,
-                                                    fetcher=self.runtime.fetcher_for(ls_url), context=context)
+                                                    context=context)
 
     def fit(self, *args: Any, **kwargs: Any) -> dict:
         """Pre-labeling only: annotations never change the model."""

@@ -6,7 +6,6 @@ where it is needed (or install it with `set_runtime`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ class Runtime:
     settings: Settings
     parser: HumanParser
     predictor: Predictor
-    _fetchers: dict[str, ImageFetcher] = field(default_factory=dict, repr=False)
     _clients: dict[tuple[str, str], LabelStudio] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -41,16 +39,6 @@ class Runtime:
     @property
     def classes(self) -> tuple[str, ...]:
         return self.predictor.classes
-
-    def fetcher_for(self, ls_url: str = "") -> ImageFetcher:
-        """The fetcher that resolves Label Studio URLs against `ls_url` when this process's own LABEL_STUDIO_URL
-        is not set (a worker started without it follows the CLI's); else the process's own fetcher."""
-        if not ls_url or self.settings.label_studio_url or ls_url == self.settings.label_studio_url:
-            return self.predictor.fetcher
-        with self._lock:
-            if ls_url not in self._fetchers:
-                self._fetchers[ls_url] = ImageFetcher(dataclasses.replace(self.settings, label_studio_url=ls_url))
-            return self._fetchers[ls_url]
 
     def ls_client(self, url: str, api_key: str) -> LabelStudio:
         """One label-studio-sdk client per (url, key) for the process's lifetime (keeps HTTP connections)."""

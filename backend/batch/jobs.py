@@ -89,10 +89,13 @@ def project_task_job(task: dict, run: dict) -> dict:
 
     runtime = get_runtime()
     project_run = ProjectRun(**run)
-    url = runtime.settings.label_studio_url or project_run.ls_url
+    # Label Studio's URL and key come from the worker's own environment, never from the job: whoever can write
+    # to Redis must not be able to aim the worker's token at another host.
+    url = runtime.settings.label_studio_url
     api_key = runtime.settings.label_studio_api_key
-    if not api_key:
-        raise RuntimeError("set LABEL_STUDIO_API_KEY for this worker (API keys never travel through Redis)")
+    if not (url and api_key):
+        raise RuntimeError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for this worker (they never travel "
+                           "through Redis)")
     job = get_current_job()
     connection = job.connection if job else None
     project_task = ProjectTask(**task)

@@ -41,8 +41,8 @@ class ProjectTask:
 
 @dataclass(frozen=True)
 class ProjectRun:
-    """The run-wide part of a project job. `ls_url` is where the CLI reached LS: a worker's own
-    LABEL_STUDIO_URL wins (it may reach LS under another name), and the API key never travels through Redis."""
+    """The run-wide part of a project job. `ls_url` is where the CLI reached LS (it names the run in job ids and
+    locks); a worker talks to LS only through its own LABEL_STUDIO_URL and key, which never travel through Redis."""
 
     project_id: int
     label_config: str
@@ -173,7 +173,7 @@ def process_task(model: M2FPModel, client: Any, redis: Any, run: ProjectRun, tas
     if not run.force and run.model_version in task_versions(client, task.id):
         return ItemResult(key, SKIPPED, "already has a prediction of this model version")
     task_dict = {"id": task.id, "data": task.data}
-    outcome = model.predict_outcomes([task_dict], ls_url=run.ls_url)[0]
+    outcome = model.predict_outcomes([task_dict])[0]
     if outcome.failure is not None:
         if outcome.failure.reason == "internal":
             raise RuntimeError(outcome.failure.message)
