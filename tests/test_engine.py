@@ -147,7 +147,7 @@ def test_folded_network_computes_what_the_loaded_one_does(small_state: tuple[dic
     plain.eval()
     folded = build_network(parse_config(raw))
     folded.load_state_dict(state, strict=True)
-    folded.prepare_for_inference(fold_norms=True, channels_last=True, pack=True)   # what the parser runs
+    folded.prepare_for_inference(fold_norms=True, channels_last=True)   # what the parser runs
     x = torch.randn(1, 3, 128, 160, generator=gen)
     with torch.inference_mode():
         a, b = plain(x), folded(x)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BackboneConfig
-from .kernels import conv2d_act, pack_conv
+from .kernels import conv2d_act
 
 _BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _STAGE_INDEX = {"res2": 2, "res3": 3, "res4": 4, "res5": 5}
@@ -27,7 +27,7 @@ class NormConv2d(nn.Conv2d):
 
     `fold_norm()` merges an eval-mode BatchNorm into the convolution's weight and bias: the same affine map,
     one pass less over the activations. It changes state_dict keys, so it runs only after strict loading.
-    `pack()` then pre-packs the weight for oneDNN (kernels.py): ReLU and a residual add run fused.
+    With no norm left, ReLU and a residual add run fused into the convolution (kernels.py).
     """
 
     def __init__(self, *args, norm: nn.Module | None = None, relu: bool = False, **kwargs) -> None:
@@ -44,9 +44,6 @@ class NormConv2d(nn.Conv2d):
         if add is not None:
             x += add
         return F.relu_(x) if relu else x
-
-    def pack(self) -> None:
-        pack_conv(self)
 
     @torch.no_grad()
     def fold_norm(self) -> None:

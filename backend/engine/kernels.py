@@ -1,15 +1,19 @@
-"""fp32 convolutions and linear layers through oneDNN with weights pre-packed once at load.
+"""Convolution and linear layers with their ReLU / residual add fused or done in place.
 
-Why: on CPU, `F.conv2d` already runs oneDNN but re-lays out its weight on every call and runs ReLU and the
-residual add as separate passes over the activations; `F.linear` runs MKL's sgemm. oneDNN's fused
-primitives (`torch.ops.mkldnn._convolution_pointwise` / `_linear_pointwise`, the ones torch.compile's CPU
-backend emits) take a weight packed in oneDNN's blocked layout and apply bias, ReLU and the residual add
-in the same pass. Same arithmetic (fp32 accumulate), so the output moves only by summation order.
+`F.conv2d` on CPU already runs oneDNN, then ReLU and the residual add are separate passes over the
+activations (and the add a new tensor). oneDNN's fused primitive (`torch.ops.mkldnn._convolution_pointwise`,
+the one torch.compile's CPU backend emits) applies bias, the add and ReLU while the output tile is still
+in cache. Same arithmetic (fp32 accumulate, then add, then ReLU), so the output is unchanged.
 
-Packing is an inference-time transform applied after strict loading (like BatchNorm folding); the packed
-weight is an extra attribute, the module's parameters and state_dict keys are untouched. Where the ops
-are missing (a torch built without oneDNN) or the tensors are not fp32 CPU tensors, the plain functional
-call runs instead.
+Measured on the 2-core AVX2 machine of docs/benchmarks/engine.md (one thread, CPU time, 640x864 input shapes):
+- weights pre-packed in oneDNN's blocked layout (`_reorder_convolution_weight`) are 2-6x SLOWER on
+  3x3 convolutions whenever the image size differs from the size given when packing, so they are not used;
+  the fused primitive takes the plain channels_last weight;
+- for linear layers MKL's sgemm (`F.linear`) beats oneDNN's `_linear_pointwise` by 5-12% on this CPU
+  (both take AVX2 paths), so linear layers stay on `F.linear`, with in-place ReLU / residual add.
+
+Where the fused op is missing (a torch without oneDNN) or under autocast / on other devices, the plain
+functional calls run instead.
 """
 from __future__ import annotations
 
@@ -17,62 +21,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Typical number of tokens of the pixel decoder (640x864 input): the packed GEMM layout is tuned for it but
-# correct for any row count.
-LINEAR_ROWS_HINT = 11340
+
+def _fused_conv_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_FUSED_CONV = _fused_conv_available()
 
 
-def _plain_fp32(x: torch.Tensor) -> bool:
+def _plain_fp32_cpu(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-
-
-def pack_conv(conv: nn.Conv2d) -> None:
-    """Attach `conv._packed` (the weight in oneDNN's layout) for `conv2d_act`."""
-    conv._packed = torch.ops.mkldnn._reorder_convolution_weight(
-        conv.weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, None)
-
-
-def pack_linear(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "_packed",
-                rows_hint: int = LINEAR_ROWS_HINT) -> None:
-    """Attach `layer.<name>` = (packed weight, bias) for `linear_act` (weight may be a fused concatenation)."""
-    weight = weight.detach().contiguous()
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
-    setattr(layer, name, (packed, weight, None if bias is None else bias.detach().contiguous()))
 
 
 def conv2d_act(conv: nn.Conv2d, x: torch.Tensor, relu: bool = False,
                add: torch.Tensor | None = None) -> torch.Tensor:
-    """act(conv(x) [+ add]) with act = ReLU or identity, fused when the weight is packed."""
-    packed = getattr(conv, "_packed", None)
-    if packed is not None and _plain_fp32(x) and (add is None or add.dtype == x.dtype):
+    """act(conv(x) [+ add]) with act = ReLU or identity; one fused oneDNN pass for fp32 CPU tensors."""
+    if (_FUSED_CONV and _plain_fp32_cpu(x) and conv.weight.dtype == torch.float32
+            and (add is None or (add.dtype == torch.float32 and add.shape[1] == conv.out_channels))):
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         if add is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, *args,
+            return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *args,
                                                            "relu" if relu else "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, packed, conv.bias, *args, "add", None,
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, conv.weight, conv.bias, *args, "add", None,
                                                               "relu" if relu else None, [], "")
     y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if add is not None:
-        y += add
+        y = y + add
     return F.relu_(y) if relu else y
 
 
-def linear_act(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               relu: bool = False, add: torch.Tensor | None = None, name: str = "_packed") -> torch.Tensor:
-    """x @ weight.T + bias, then ReLU or `+ add` (not both); `layer.<name>` set by `pack_linear` for this
-    same weight selects oneDNN."""
-    packed = getattr(layer, name, None)
-    if packed is not None and _plain_fp32(x) and (add is None or (add.dtype == x.dtype and add.is_contiguous())):
-        if add is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, add, packed[0], packed[2], "add")
-        return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[2], "relu" if relu else "none", [], "")
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False,
+               add: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, then ReLU or `+ add` in place on the fresh output (no extra tensor)."""
     y = F.linear(x, weight, bias)
     if add is not None:
-        return add + y      # out of place: under autocast the residual stays in its own (fp32) dtype
+        # Under autocast y is bfloat16: add out of place so the residual stream keeps its own dtype.
+        return y.add_(add) if y.dtype == add.dtype else add + y
     return F.relu_(y) if relu else y

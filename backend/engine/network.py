@@ -10,7 +10,6 @@ from torch import nn
 
 from .backbone import DeepLabResNet
 from .config import ModelConfig
-from .kernels import onednn_available
 from .pixel_decoder import PixelDecoder
 from .transformer_decoder import MaskedTransformerDecoder
 
@@ -57,10 +56,9 @@ class M2FPNetwork(nn.Module):
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
         return self.sem_seg_head.predictor(multi_scale, mask_features)
 
-    def prepare_for_inference(self, *, fold_norms: bool = True, channels_last: bool = False,
-                              pack: bool = False) -> "M2FPNetwork":
-        """Eval mode; optionally fold BatchNorm into convolutions (keys change: call after loading),
-        channels_last layout, and oneDNN pre-packed weights (CPU fp32; call after moving to the CPU)."""
+    def prepare_for_inference(self, *, fold_norms: bool = True, channels_last: bool = False) -> "M2FPNetwork":
+        """Eval mode; optionally fold BatchNorm into convolutions (keys change: call after loading) and
+        store every convolution weight channels_last (the layout oneDNN computes in)."""
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -69,13 +67,6 @@ class M2FPNetwork(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
             self._channels_last = True
-        if pack and onednn_available() and self.pixel_mean.device.type == "cpu":
-            with torch.no_grad():
-                for m in self.backbone.modules():
-                    if hasattr(m, "pack"):
-                        m.pack()
-                self.sem_seg_head.pixel_decoder.pack()
-                self.sem_seg_head.predictor.pack()
         return self
 
 

@@ -120,10 +120,8 @@ class HumanParser:
         weights = resolved.path / WEIGHTS_FILE
         network = build_network(config)
         load_weights(network, weights)
+        network.prepare_for_inference(fold_norms=True, channels_last=channels_last)
         network.to(dev)
-        # oneDNN packing serves the fp32 CPU path only (autocast and CUDA run the plain modules).
-        network.prepare_for_inference(fold_norms=True, channels_last=channels_last,
-                                      pack=dev.type == "cpu" and precision == "fp32")
         sha = _file_sha256(weights)
         log.info("loaded M2FP from %s on %s (weights %s)", resolved.path, dev, sha[:12])
         return cls(network, config, resolved, sha, dev, precision)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .backbone import NormConv2d
 from .config import EncoderConfig
-from .kernels import conv2d_act, linear_act, pack_conv, pack_linear
+from .kernels import conv2d_act, linear_act
 
 _POS_CACHE_SIZE = 16
 
@@ -186,27 +186,20 @@ class MSDeformAttn(nn.Module):
         return (torch.cat((self.sampling_offsets.weight, self.attention_weights.weight)),
                 torch.cat((self.sampling_offsets.bias, self.attention_weights.bias)))
 
-    def pack(self) -> None:
-        self._fused_query = self._query_proj()
-        pack_linear(self, *self._fused_query, name="_packed_query")
-        for layer in (self.value_proj, self.output_proj):
-            pack_linear(layer, layer.weight, layer.bias)
-
     def forward(self, query: torch.Tensor, value_in: torch.Tensor, grid: SamplingGrid,
                 residual: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
         """query (N, Lq, C); value_in (N, sum HW, C); returns output_proj(attention) (+ residual)."""
         n, lq, _ = query.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
-        value = linear_act(self.value_proj, value_in, self.value_proj.weight, self.value_proj.bias)
+        value = self.value_proj(value_in)
         table = padded_value_table(value, grid, table)
-        w, b = getattr(self, "_fused_query", None) or self._query_proj()
-        proj = linear_act(self, query, w, b, name="_packed_query")
+        proj = F.linear(query, *self._query_proj())
         n_off = heads * levels * points * 2
         offsets = proj[..., :n_off].view(n, lq, heads, levels, points, 2)
         weights = F.softmax(proj[..., n_off:].reshape(n, lq, heads, levels * points).float(), -1)
         out = sample_and_weight(table.float(), grid, offsets, weights.view(n, lq, heads, levels, points), heads)
         out = out.to(value.dtype)
-        return linear_act(self.output_proj, out, self.output_proj.weight, self.output_proj.bias, add=residual)
+        return linear_act(out, self.output_proj.weight, self.output_proj.bias, add=residual)
 
 
 class DeformEncoderLayer(nn.Module):
@@ -218,16 +211,11 @@ class DeformEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def pack(self) -> None:
-        self.self_attn.pack()
-        for layer in (self.linear1, self.linear2):
-            pack_linear(layer, layer.weight, layer.bias)
-
     def forward(self, src: torch.Tensor, pos: torch.Tensor, grid: SamplingGrid,
                 table: torch.Tensor | None = None) -> torch.Tensor:
         src = self.norm1(self.self_attn(src + pos, src, grid, residual=src, table=table))
-        hidden = linear_act(self.linear1, src, self.linear1.weight, self.linear1.bias, relu=True)
-        return self.norm2(linear_act(self.linear2, hidden, self.linear2.weight, self.linear2.bias, add=src))
+        hidden = linear_act(src, self.linear1.weight, self.linear1.bias, relu=True)
+        return self.norm2(linear_act(hidden, self.linear2.weight, self.linear2.bias, add=src))
 
 
 class DeformEncoderStack(nn.Module):
@@ -324,16 +312,6 @@ class PixelDecoder(nn.Module):
                                                              norm=nn.GroupNorm(32, conv_dim)))
             self.add_module(f"layer_{idx + 1}", NormConv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=False,
                                                            norm=nn.GroupNorm(32, conv_dim), relu=True))
-
-    def pack(self) -> None:
-        """Pre-pack every convolution and linear layer for oneDNN (after loading, see kernels.py)."""
-        for proj in self.input_proj:
-            pack_conv(proj[0])
-        for m in self.modules():
-            if isinstance(m, NormConv2d):
-                m.pack()
-        for layer in self.transformer.encoder.layers:
-            layer.pack()
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns (mask_features, the first 3 multi-scale maps from low to high resolution).

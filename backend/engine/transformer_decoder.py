@@ -18,7 +18,6 @@ from torch import nn
 
 from .backbone import NormConv2d
 from .config import DecoderConfig
-from .kernels import pack_linear, linear_act
 from .pixel_decoder import SinePositionEmbedding, to_tokens
 
 
@@ -42,17 +41,12 @@ class Attention(nn.Module):
         h = self.nhead
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = linear_act(self, query, w_q, b_q, name="_packed_q").view(n, lq, h, e // h).transpose(1, 2)
-        k = linear_act(self, key, w_k, b_k, name="_packed_k").view(n, lk, h, e // h).transpose(1, 2)
-        v = linear_act(self, value, w_v, b_v, name="_packed_v").view(n, lk, h, e // h).transpose(1, 2)
+        q = F.linear(query, w_q, b_q).view(n, lq, h, e // h).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(n, lk, h, e // h).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(n, lk, h, e // h).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, e))
 
-    def pack(self) -> None:
-        # Keys/values of the cross-attention are projections of up to H/8 x W/8 tokens: worth oneDNN.
-        for name, w, b in zip(("_packed_q", "_packed_k", "_packed_v"), self.in_proj_weight.chunk(3),
-                              self.in_proj_bias.chunk(3)):
-            pack_linear(self, w, b, name=name)
 
 
 class SelfAttentionLayer(nn.Module):
@@ -167,13 +161,6 @@ class MaskedTransformerDecoder(nn.Module):
         allowed = small.sigmoid().flatten(2) >= 0.5
         empty = ~allowed.any(-1, keepdim=True)
         return (allowed | empty).unsqueeze(1)
-
-    def pack(self) -> None:
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.pack()
-            elif isinstance(m, NormConv2d):
-                m.pack()
 
     def forward(self, feats: list[torch.Tensor], mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats: 3 maps low->high resolution. Returns (pred_logits (N, Q, C+1), pred_masks (N, Q, H/4, W/4))."""
