@@ -276,6 +276,24 @@ def official_missing() -> str | None:
     return None
 
 
+def previous_official(path: Path) -> dict | None:
+    """The official-pipeline figures of the last run that measured them (kept when this run cannot)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if old.get("previous_official"):
+        return old["previous_official"]
+    try:
+        sizes = {}
+        for name, r in old["sizes"].items():
+            pick = {side: (best(v) if isinstance(v, list) else v) for side, v in r.items()}
+            sizes[name] = {side: med(pick[side]) for side in ("native", "official_tuned", "official_default")}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return {"started": old.get("started", "?"), "sizes": sizes}
+
+
 def checkout(rev: str, dest: Path) -> Path:
     """`backend/` of git revision `rev` extracted into `dest` (for --before)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -331,6 +349,18 @@ def write_report(res: dict, a: argparse.Namespace) -> str:
         lines += [f"**The official pipeline was not measured in this run**: {res.get('official_missing')}. "
                   "The speed-up against it (target >= 2x with the same allocator) is therefore not shown here; "
                   "rerun `make bench` once the reference venv is built (`make ref-env`).", ""]
+        prev = res.get("previous_official")
+        if prev:
+            lines += [f"Last measurement against the official pipeline ({prev['started']}, the engine before this "
+                      "run's version, other run and machine load: not comparable with the seconds below):", "",
+                      "| image | native then | official (same allocator) | speed-up | official (default) | speed-up |",
+                      "|---|---|---|---|---|---|"]
+            for name, r in prev["sizes"].items():
+                lines.append(f"| {name} | {r['native']:.2f} s | {r['official_tuned']:.2f} s | "
+                             f"{r['official_tuned'] / r['native']:.2f}x | {r['official_default']:.2f} s | "
+                             f"{r['official_default'] / r['native']:.2f}x |")
+            lines.append("")
+        lines += ["This run:", ""]
     head = "| image | native |" + (" native before | speed-up vs before |" if before else "")
     if official:
         head += (" official (same allocator) | **speed-up** | official (default) | speed-up | "
@@ -507,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                 m["max_dscore"] = max((abs(x.score_native - x.score_official) for x in rep.matches), default=0.0)
                 m["same_instances"] = not any("instances" in p for p in rep.problems)
                 res["modes"][mode][name] = m
+    if "official_missing" in res:
+        res["previous_official"] = previous_official(OUT_JSON)
     OUT_MD.parent.mkdir(parents=True, exist_ok=True)
     OUT_JSON.write_text(json.dumps(res, indent=1))
     OUT_MD.write_text(write_report(res, a))
