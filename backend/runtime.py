@@ -55,7 +55,8 @@ def load_runtime(settings: Settings) -> Runtime:
     from backend.engine import HumanParser
 
     parser = HumanParser.from_pretrained(settings.model, revision=settings.model_revision, device=settings.device,
-                                         threads=settings.threads or None, cache_dir=settings.model_cache_dir)
+                                         threads=settings.threads or None, cache_dir=settings.model_cache_dir,
+                                         precision=settings.precision)
     runtime = build_runtime(parser, settings)
     logger.info("model %s loaded (cache: %s)", runtime.version, "redis" if settings.redis_url else "off")
     return runtime

@@ -26,6 +26,7 @@ class Settings:
     model_cache_dir: str = os.path.expanduser("~/.cache/m2fp")  # M2FP_CACHE_DIR: where hub downloads live
     device: str = "auto"                     # M2FP_DEVICE: auto | cpu | cuda | cuda:N
     threads: int = 0                         # M2FP_THREADS: torch intra-op threads, 0 = torch default
+    precision: str = "fp32"                  # M2FP_PRECISION: fp32 (matches the official pipeline) | bf16 (opt-in)
     # --- Label Studio ---
     label_studio_url: str = ""               # LABEL_STUDIO_URL: base URL used to resolve /data/... image URLs
     label_studio_api_key: str = ""           # LABEL_STUDIO_API_KEY: legacy token or personal access token
@@ -77,6 +78,7 @@ _ENV_NAMES = {
     "model_cache_dir": "M2FP_CACHE_DIR",
     "device": "M2FP_DEVICE",
     "threads": "M2FP_THREADS",
+    "precision": "M2FP_PRECISION",
     "label_studio_url": "LABEL_STUDIO_URL",
     "label_studio_api_key": "LABEL_STUDIO_API_KEY",
     "label_studio_host": "LABEL_STUDIO_HOST",

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from backend.engine import (ConfigError, HumanParser, InvalidImageError, ModelLoadError, ModelNotAvailableError,
                             Parsing, build_network, load_config)
 from backend.engine.config import parse_config
+from backend.engine.pixel_decoder import DeformTransformerEncoder, padded_value_table, sample_and_weight, sampling_grid
 from backend.engine.postprocess import parse_outputs
 from backend.engine.preprocess import load_rgb, prepare, resized_shape
 from testing.random_model import make_sample_image
@@ -146,11 +147,41 @@ def test_folded_network_computes_what_the_loaded_one_does(small_state: tuple[dic
     plain.eval()
     folded = build_network(parse_config(raw))
     folded.load_state_dict(state, strict=True)
-    folded.prepare_for_inference(fold_norms=True, channels_last=True)
+    folded.prepare_for_inference(fold_norms=True, channels_last=True)   # what the parser runs
     x = torch.randn(1, 3, 128, 160, generator=gen)
     with torch.inference_mode():
         a, b = plain(x), folded(x)
     assert torch.allclose(a[0], b[0], atol=1e-3) and torch.allclose(a[1], b[1], atol=1e-3)
+
+
+def test_deformable_sampling_is_grid_sample() -> None:
+    """The zero-bordered embedding-bag sampling equals modelscope's CPU path: grid_sample (bilinear, zeros,
+    align_corners=False) per level and head, weighted and summed, including samples far outside the maps."""
+    gen = torch.Generator().manual_seed(5)
+    n, heads, dh, points = 2, 4, 8, 3
+    shapes = [(3, 5), (6, 4), (7, 9)]
+    s, levels = sum(h * w for h, w in shapes), len(shapes)
+    value = torch.randn(n, s, heads * dh, generator=gen)
+    grid = sampling_grid(shapes, n, heads, torch.device("cpu"))
+    lq = s                                          # queries = every position, as in the encoder
+    offsets = torch.randn(n, lq, heads, levels, points, 2, generator=gen) * 4   # many samples off the map
+    weights = torch.rand(n, lq, heads, levels, points, generator=gen)
+    out = sample_and_weight(padded_value_table(value, grid), grid, offsets, weights, heads)
+
+    ref = DeformTransformerEncoder.reference_points(shapes, torch.device("cpu"))        # (1, S, L, 2) in [0, 1]
+    normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
+    loc = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    expected = torch.zeros(n, lq, heads, dh)
+    start = 0
+    for lvl, (h, w) in enumerate(shapes):
+        vmap = value[:, start:start + h * w].view(n, h, w, heads, dh).permute(0, 3, 4, 1, 2).reshape(n * heads, dh, h, w)
+        g = (2 * loc[:, :, :, lvl] - 1).permute(0, 2, 1, 3, 4).reshape(n * heads, lq, points, 2)
+        sampled = F.grid_sample(vmap, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        wl = weights[:, :, :, lvl].permute(0, 2, 1, 3).reshape(n * heads, 1, lq, points)
+        expected += (sampled * wl).sum(-1).view(n, heads, dh, lq).permute(0, 3, 1, 2)
+        start += h * w
+    assert (offsets.abs() > 8).any()
+    assert torch.allclose(out, expected.reshape(n, lq, heads * dh), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ configuration

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BackboneConfig
+from .kernels import conv2d_act
 
 _BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _STAGE_INDEX = {"res2": 2, "res3": 3, "res4": 4, "res5": 5}
@@ -26,6 +27,7 @@ class NormConv2d(nn.Conv2d):
 
     `fold_norm()` merges an eval-mode BatchNorm into the convolution's weight and bias: the same affine map,
     one pass less over the activations. It changes state_dict keys, so it runs only after strict loading.
+    With no norm left, ReLU and a residual add run fused into the convolution (kernels.py).
     """
 
     def __init__(self, *args, norm: nn.Module | None = None, relu: bool = False, **kwargs) -> None:
@@ -33,13 +35,15 @@ class NormConv2d(nn.Conv2d):
         self.norm = norm
         self.relu = relu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.relu:
-            x = F.relu_(x)
-        return x
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, relu: bool | None = None) -> torch.Tensor:
+        """act(norm(conv(x)) [+ add]); `relu` overrides the module's own activation."""
+        relu = self.relu if relu is None else relu
+        if self.norm is None:
+            return conv2d_act(self, x, relu=relu, add=add)
+        x = self.norm(conv2d_act(self, x))
+        if add is not None:
+            x += add
+        return F.relu_(x) if relu else x
 
     @torch.no_grad()
     def fold_norm(self) -> None:
@@ -75,10 +79,8 @@ class Bottleneck(nn.Module):
                                 norm=make_norm(norm, out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv3(self.conv2(self.conv1(x)))
         shortcut = x if self.shortcut is None else self.shortcut(x)
-        out += shortcut
-        return F.relu_(out)
+        return self.conv3(self.conv2(self.conv1(x)), add=shortcut, relu=True)
 
 
 class Stem(nn.Module):

@@ -49,22 +49,23 @@ class M2FPNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._channels_last:
+            # Every stage keeps this layout: backbone maps, the pixel decoder's tokens and maps, the mask
+            # features (tokens and channels_last maps share one memory layout, see pixel_decoder.py).
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
-        if self._channels_last:
-            features = {k: v.contiguous() for k, v in features.items()}
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
         return self.sem_seg_head.predictor(multi_scale, mask_features)
 
     def prepare_for_inference(self, *, fold_norms: bool = True, channels_last: bool = False) -> "M2FPNetwork":
-        """Eval mode; optionally fold BatchNorm into convolutions (keys change: call after loading)."""
+        """Eval mode; optionally fold BatchNorm into convolutions (keys change: call after loading) and
+        store every convolution weight channels_last (the layout oneDNN computes in)."""
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
         if fold_norms:
             self.backbone.fold_norms()
         if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
+            self.to(memory_format=torch.channels_last)
             self._channels_last = True
         return self
 

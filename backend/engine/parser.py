@@ -122,6 +122,9 @@ class HumanParser:
         load_weights(network, weights)
         network.prepare_for_inference(fold_norms=True, channels_last=channels_last)
         network.to(dev)
+        if precision == "bf16" and dev.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("M2FP precision bf16 requested, but this CPU has no bf16 units: bf16 matrix products run "
+                        "a slow reference kernel, expect it to be much slower than fp32 (see docs/benchmarks.md)")
         sha = _file_sha256(weights)
         log.info("loaded M2FP from %s on %s (weights %s)", resolved.path, dev, sha[:12])
         return cls(network, config, resolved, sha, dev, precision)

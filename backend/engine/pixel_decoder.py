@@ -2,12 +2,16 @@
 
 Deformable attention has `F.grid_sample` semantics (bilinear, zero padding, align_corners=False), which is
 what modelscope itself runs on CPU (mmcv's kernel raises there), computed as one weighted embedding-bag
-sum per (query, head): the (heads, dims, queries, levels*points) sample stack is never built, and the
-gathers read contiguous value rows instead of strided channel planes (about 2x faster than grid_sample).
+sum per (query, head) over a value table whose maps carry a zero border (see `sample_and_weight`).
+
+Layout: tokens are (N, H*W, C), which is exactly the memory of a channels_last (N, C, H, W) map, so the
+conversions between maps (convolutions, GroupNorm, resizes) and tokens (attention, LayerNorm, linear
+layers) are views, not copies, when the backbone runs channels_last.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,8 +20,21 @@ from torch import nn
 
 from .backbone import NormConv2d
 from .config import EncoderConfig
+from .kernels import conv2d_act, linear_act
 
 _POS_CACHE_SIZE = 16
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H*W, C): a view of a channels_last map, a copy otherwise."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+
+
+def to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, H*W, C) tokens (rows contiguous) -> (N, C, H, W) channels_last view."""
+    n, _, c = tokens.shape
+    return tokens.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class SinePositionEmbedding:
@@ -30,7 +47,11 @@ class SinePositionEmbedding:
         self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def __call__(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """(1, 2*num_pos_feats, h, w), float32."""
+        """(1, 2*num_pos_feats, h, w), float32 (channels_last)."""
+        return to_map(self.tokens(h, w, device), h, w)
+
+    def tokens(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(1, h*w, 2*num_pos_feats), float32, contiguous."""
         key = (h, w, str(device))
         cached = self._cache.get(key)
         if cached is not None:
@@ -47,57 +68,106 @@ class SinePositionEmbedding:
         pos_y = y_embed[:, :, :, None] / dim_t
         pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
         pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        pos = torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).contiguous()
+        pos = torch.cat((pos_y, pos_x), dim=3).reshape(1, h * w, -1).contiguous()
         if len(self._cache) >= _POS_CACHE_SIZE:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = pos
         return pos
 
 
-def sample_and_weight(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
-                      weights: torch.Tensor, heads: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class SamplingGrid:
+    """Per-shape constants of deformable sampling (built once per input size, see `sampling_grid`).
+
+    Each level's value map is stored with a zero border (1 row/column before, 2 after) in a padded value
+    table of `padded_rows` rows per image, `heads` table rows per position. Clamping a sample position to
+    [-1, size] then puts every corner outside the map on a zero row with the right bilinear weight, which
+    is grid_sample's zero padding without any validity mask.
+    """
+    shapes: tuple[tuple[int, int], ...]
+    starts: tuple[int, ...]           # first token of each level
+    padded_starts: tuple[int, ...]    # first padded row of each level
+    padded_rows: int
+    ref_x: torch.Tensor               # (1, S, 1, L, 1): pixel x of each query's reference point per level
+    ref_y: torch.Tensor
+    hi_x: torch.Tensor                # (1, 1, 1, L, 1): W, H of each level (the clamp's upper bound)
+    hi_y: torch.Tensor
+    row_stride: torch.Tensor          # (1, 1, 1, L, 1): table rows per padded map row = (W + 3) * heads
+    base: torch.Tensor                # (N, 1, heads, L, 1): table row of pixel (0, 0) of each level
+    corners: torch.Tensor             # (L, 1, 4) int: row offsets of the 4 bilinear corners
+    index_dtype: torch.dtype
+
+
+def sampling_grid(shapes: list[tuple[int, int]], n: int, heads: int, device: torch.device) -> SamplingGrid:
+    levels = len(shapes)
+    starts, padded_starts, s, sp = [], [], 0, 0
+    for h, w in shapes:
+        starts.append(s)
+        padded_starts.append(sp)
+        s += h * w
+        sp += (h + 3) * (w + 3)
+    rows = n * sp * heads
+    # Row indices are computed in floating point: exact below 2**24 (float32) / 2**53 (float64).
+    fdt = torch.float32 if rows < 2 ** 24 else torch.float64
+    ref = DeformTransformerEncoder.reference_points(shapes, device)[:, :, 0]      # (1, S, 2), same per level
+    size_w = torch.tensor([w for _, w in shapes], dtype=fdt, device=device).view(1, 1, 1, levels, 1)
+    size_h = torch.tensor([h for h, _ in shapes], dtype=fdt, device=device).view(1, 1, 1, levels, 1)
+    # grid_sample, align_corners=False: pixel = loc * size - 0.5
+    ref_x = ref[:, :, 0].to(fdt).view(1, s, 1, 1, 1) * size_w - 0.5
+    ref_y = ref[:, :, 1].to(fdt).view(1, s, 1, 1, 1) * size_h - 0.5
+    stride = (size_w + 3) * heads
+    first = torch.tensor(padded_starts, dtype=fdt, device=device).view(1, 1, 1, levels, 1) * heads + stride + heads
+    base = (first + torch.arange(n, dtype=fdt, device=device).view(n, 1, 1, 1, 1) * (sp * heads)
+            + torch.arange(heads, dtype=fdt, device=device).view(1, 1, heads, 1, 1))
+    index_dtype = torch.int32 if rows < 2 ** 31 else torch.int64
+    corners = torch.tensor([[0, heads, (w + 3) * heads, (w + 3) * heads + heads] for _, w in shapes],
+                           dtype=index_dtype, device=device).view(levels, 1, 4)
+    return SamplingGrid(tuple(shapes), tuple(starts), tuple(padded_starts), sp, ref_x.contiguous(),
+                        ref_y.contiguous(), size_w, size_h, stride, base, corners, index_dtype)
+
+
+def padded_value_table(value: torch.Tensor, grid: SamplingGrid, out: torch.Tensor | None = None) -> torch.Tensor:
+    """value (N, S, C) -> (N, padded_rows, C) with each level's map inside a zero border."""
+    n, _, c = value.shape
+    if out is None:
+        out = value.new_zeros(n, grid.padded_rows, c)
+    for (h, w), start, pstart in zip(grid.shapes, grid.starts, grid.padded_starts):
+        dst = out[:, pstart:pstart + (h + 3) * (w + 3)].view(n, h + 3, w + 3, c)[:, 1:h + 1, 1:w + 1]
+        dst.copy_(value[:, start:start + h * w].view(n, h, w, c))
+    return out
+
+
+def sample_and_weight(table: torch.Tensor, grid: SamplingGrid, offsets: torch.Tensor, weights: torch.Tensor,
+                      heads: int) -> torch.Tensor:
     """Multi-scale deformable attention core: bilinear samples (zero outside, align_corners=False, i.e.
     `F.grid_sample` semantics) of every head's value map, weighted by the attention weights and summed.
 
-    value (N, S, heads*dh) with S = sum H*W; locations (N, Lq, heads, L, P, 2) as (x, y) in [0, 1];
-    weights (N, Lq, heads, L, P). Returns (N, Lq, heads*dh).
+    table (N, padded_rows, heads*dh) from `padded_value_table`; offsets (N, Lq, heads, L, P, 2) in pixels
+    of each level as (x, y) (the official `offsets / normalizer` times the level size); weights
+    (N, Lq, heads, L, P). Returns (N, Lq, heads*dh).
 
-    Each (batch, query, head) is one bag of L*P*4 (row, weight) pairs over a (N*heads*S, dh) value table,
-    summed by `F.embedding_bag`: the 4 bilinear corners carry (attention weight x corner weight), corners
-    outside the map carry 0. Same sum as grid_sample-then-weight, without materialising the samples.
+    Each (batch, query, head) is one bag of L*P*4 (row, weight) pairs over the (N*padded_rows*heads, dh)
+    table, summed by `F.embedding_bag`: same sum as grid_sample-then-weight, without materialising samples.
     """
-    n, s, c = value.shape
+    n, rows, c = table.shape
     dh = c // heads
-    _, lq, _, levels, points, _ = locations.shape
-    # Row indices are computed in floating point (exact below 2**24 rows in float32).
-    fdt = torch.float32 if n * heads * s < 2 ** 24 else torch.float64
-    dev = value.device
-    size_w = torch.tensor([w for _, w in shapes], dtype=fdt, device=dev).view(1, 1, 1, levels, 1)
-    size_h = torch.tensor([h for h, _ in shapes], dtype=fdt, device=dev).view(1, 1, 1, levels, 1)
-    starts = torch.tensor([sum(h * w for h, w in shapes[:i]) for i in range(levels)], dtype=fdt,
-                          device=dev).view(1, 1, 1, levels, 1)
-    table_base = (torch.arange(n * heads, dtype=fdt, device=dev) * s).view(n, 1, heads, 1, 1)
-    loc = locations.to(fdt)
-    # Pixel coordinates, align_corners=False (grid_sample's ((2*loc - 1) + 1) * size / 2 - 0.5, simplified).
-    x = loc[..., 0] * size_w - 0.5
-    y = loc[..., 1] * size_h - 0.5
+    lq = offsets.shape[1]
+    fdt = grid.ref_x.dtype
+    x = torch.add(grid.ref_x, offsets[..., 0].to(fdt)).clamp_(min=-1.0)
+    y = torch.add(grid.ref_y, offsets[..., 1].to(fdt)).clamp_(min=-1.0)
+    x = torch.minimum(x, grid.hi_x, out=x)
+    y = torch.minimum(y, grid.hi_y, out=y)
     x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    wx0 = (1 - fx) * ((x0 >= 0) & (x0 <= size_w - 1))
-    wx1 = fx * ((x0 >= -1) & (x0 <= size_w - 2))
-    wy0 = (1 - fy) * ((y0 >= 0) & (y0 <= size_h - 1)) * weights
-    wy1 = fy * ((y0 >= -1) & (y0 <= size_h - 2)) * weights
-    cx0 = x0.clamp(0).minimum(size_w - 1)
-    cx1 = (x0 + 1).clamp(0).minimum(size_w - 1)
-    base = starts + table_base
-    r0 = y0.clamp(0).minimum(size_h - 1) * size_w + base
-    r1 = (y0 + 1).clamp(0).minimum(size_h - 1) * size_w + base
-    bags = n * lq * heads
-    idx = torch.stack((r0 + cx0, r0 + cx1, r1 + cx0, r1 + cx1), -1).to(torch.int64).view(bags, -1)
-    wts = torch.stack((wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1), -1).to(value.dtype).view(bags, -1)
-    table = value.view(n, s, heads, dh).permute(0, 2, 1, 3).reshape(n * heads * s, dh)
-    out = F.embedding_bag(idx, table, per_sample_weights=wts, mode="sum")
-    return out.view(n, lq, heads * dh)
+    fx, fy = x.sub_(x0), y.sub_(y0)
+    first = torch.addcmul(grid.base, y0, grid.row_stride).add_(x0, alpha=heads)
+    idx = (first.to(grid.index_dtype).unsqueeze(-1) + grid.corners).view(n * lq * heads, -1)
+    w = weights.to(fdt)
+    wy1 = fy.mul_(w)
+    wy = torch.stack((w - wy1, wy1), -1)                     # (..., 2): rows y0, y0 + 1
+    wx = torch.stack((1 - fx, fx), -1)                        # (..., 2): columns x0, x0 + 1
+    wts = (wy.unsqueeze(-1) * wx.unsqueeze(-2)).to(table.dtype).view(n * lq * heads, -1)
+    out = F.embedding_bag(idx, table.reshape(n * rows * heads, dh), per_sample_weights=wts, mode="sum")
+    return out.view(n, lq, c)
 
 
 class MSDeformAttn(nn.Module):
@@ -111,20 +181,25 @@ class MSDeformAttn(nn.Module):
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_in: torch.Tensor,
-                shapes: list[tuple[int, int]]) -> torch.Tensor:
-        """query (N, Lq, C); reference_points (N, Lq, L, 2) in [0, 1] as (x, y); value_in (N, sum HW, C)."""
+    def _query_proj(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offsets and attention logits come from the same query: one GEMM with the two weights stacked."""
+        return (torch.cat((self.sampling_offsets.weight, self.attention_weights.weight)),
+                torch.cat((self.sampling_offsets.bias, self.attention_weights.bias)))
+
+    def forward(self, query: torch.Tensor, value_in: torch.Tensor, grid: SamplingGrid,
+                residual: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
+        """query (N, Lq, C); value_in (N, sum HW, C); returns output_proj(attention) (+ residual)."""
         n, lq, _ = query.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(value_in)
-        offsets = self.sampling_offsets(query).view(n, lq, heads, levels, points, 2)
-        weights = F.softmax(self.attention_weights(query).view(n, lq, heads, levels * points), -1)
-        weights = weights.view(n, lq, heads, levels, points)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
-        locations = (reference_points[:, :, None, :, None, :]
-                     + offsets.float() / normalizer[None, None, None, :, None, :])
-        out = sample_and_weight(value.float(), shapes, locations, weights.float(), heads)
-        return self.output_proj(out.to(value.dtype))
+        table = padded_value_table(value, grid, table)
+        proj = F.linear(query, *self._query_proj())
+        n_off = heads * levels * points * 2
+        offsets = proj[..., :n_off].view(n, lq, heads, levels, points, 2)
+        weights = F.softmax(proj[..., n_off:].reshape(n, lq, heads, levels * points).float(), -1)
+        out = sample_and_weight(table.float(), grid, offsets, weights.view(n, lq, heads, levels, points), heads)
+        out = out.to(value.dtype)
+        return linear_act(out, self.output_proj.weight, self.output_proj.bias, add=residual)
 
 
 class DeformEncoderLayer(nn.Module):
@@ -136,10 +211,11 @@ class DeformEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                shapes: list[tuple[int, int]]) -> torch.Tensor:
-        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, grid: SamplingGrid,
+                table: torch.Tensor | None = None) -> torch.Tensor:
+        src = self.norm1(self.self_attn(src + pos, src, grid, residual=src, table=table))
+        hidden = linear_act(src, self.linear1.weight, self.linear1.bias, relu=True)
+        return self.norm2(linear_act(hidden, self.linear2.weight, self.linear2.bias, add=src))
 
 
 class DeformEncoderStack(nn.Module):
@@ -168,15 +244,39 @@ class DeformTransformerEncoder(nn.Module):
         ref = torch.cat(refs, 1)
         return ref[:, :, None].expand(-1, -1, len(shapes), -1)
 
-    def forward(self, srcs: list[torch.Tensor], pos: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+    def pos_tokens(self, pe: SinePositionEmbedding, shapes: list[tuple[int, int]],
+                   device: torch.device) -> torch.Tensor:
+        """(1, S, C): every level's sine embedding + its level embedding, cached per input shape."""
+        key = (tuple(shapes), str(device), self.level_embed._version, self.level_embed.data_ptr())
+        cache = self.__dict__.setdefault("_pos_cache", {})
+        if key not in cache:
+            if len(cache) >= _POS_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = torch.cat([pe.tokens(h, w, device) + self.level_embed[i].view(1, 1, -1)
+                                    for i, (h, w) in enumerate(shapes)], 1)
+        return cache[key]
+
+    def grid(self, shapes: list[tuple[int, int]], n: int, device: torch.device) -> SamplingGrid:
+        key = (tuple(shapes), n, str(device))
+        cache = self.__dict__.setdefault("_grid_cache", {})
+        if key not in cache:
+            if len(cache) >= _POS_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            heads = self.encoder.layers[0].self_attn.n_heads
+            cache[key] = sampling_grid(list(shapes), n, heads, device)
+        return cache[key]
+
+    def forward(self, srcs: list[torch.Tensor], pe: SinePositionEmbedding) -> tuple[torch.Tensor, list]:
+        """srcs: maps low -> high resolution. Returns tokens (N, S, C) and the level shapes."""
         shapes = [(s.shape[2], s.shape[3]) for s in srcs]
-        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
-        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)
-                              for i, p in enumerate(pos)], 1)
-        ref = self.reference_points(shapes, src_flat.device)
-        out = src_flat
+        out = torch.cat([to_tokens(s) for s in srcs], 1)
+        n = out.shape[0]
+        pos = self.pos_tokens(pe, shapes, out.device)
+        grid = self.grid(shapes, n, out.device)
+        # One zero-bordered value table reused by every layer: only the map interiors are rewritten.
+        table = out.new_zeros(n, grid.padded_rows, out.shape[2])
         for layer in self.encoder.layers:
-            out = layer(out, pos_flat, ref, shapes)
+            out = layer(out, pos, grid, table)
         return out, shapes
 
 
@@ -214,23 +314,24 @@ class PixelDecoder(nn.Module):
                                                            norm=nn.GroupNorm(32, conv_dim), relu=True))
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Returns (mask_features, the first 3 multi-scale maps from low to high resolution)."""
-        srcs, pos = [], []
+        """Returns (mask_features, the first 3 multi-scale maps from low to high resolution).
+
+        Maps come back channels_last when the features are (views of the encoder's tokens)."""
+        srcs = []
         for idx, name in enumerate(self.transformer_in_features[::-1]):
-            x = features[name].float()
-            srcs.append(self.input_proj[idx](x))
-            pos.append(self.pe(x.shape[2], x.shape[3], x.device))
-        y, shapes = self.transformer(srcs, pos)
-        n = y.shape[0]
+            conv, norm = self.input_proj[idx]
+            srcs.append(norm(conv2d_act(conv, features[name].float())))
+        y, shapes = self.transformer(srcs, self.pe)
         outs = []
         start = 0
         for h, w in shapes:
-            outs.append(y[:, start:start + h * w].transpose(1, 2).reshape(n, -1, h, w))
+            outs.append(to_map(y[:, start:start + h * w], h, w))
             start += h * w
         for idx, name in enumerate(self.fpn_features[::-1]):
             # modules were registered high-res first; walk them low-res first
             k = self.num_fpn_levels - idx
-            lateral = getattr(self, f"adapter_{k}")(features[name].float())
-            z = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-            outs.append(getattr(self, f"layer_{k}")(z))
+            x = features[name].float()
+            up = F.interpolate(outs[-1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            lateral = getattr(self, f"adapter_{k}")(x, add=up)
+            outs.append(getattr(self, f"layer_{k}")(lateral))
         return self.mask_features(outs[-1]), outs[:self.maskformer_num_feature_levels]

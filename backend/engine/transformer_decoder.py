@@ -3,6 +3,12 @@
 Attention parameters keep nn.MultiheadAttention's layout (`in_proj_weight`, `in_proj_bias`,
 `out_proj.*`) so the hub checkpoint loads as is; the computation uses scaled_dot_product_attention
 with one boolean mask shared by all heads instead of a per-head copy.
+
+Masked attention needs each layer's predicted masks only at the next layer's (small) feature size.
+Mask logits are a per-pixel linear map of the mask features and bilinear resizing is linear too, so
+resizing the 256 mask-feature channels once per feature size and applying the map there gives the same
+attention masks (up to float summation order) without the 9 full-resolution (Q, H/4 x W/4) products
+only the last of which is an output.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from torch import nn
 
 from .backbone import NormConv2d
 from .config import DecoderConfig
-from .pixel_decoder import SinePositionEmbedding
+from .pixel_decoder import SinePositionEmbedding, to_tokens
 
 
 class _OutProj(nn.Linear):
@@ -42,6 +48,7 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(n, lq, e))
 
 
+
 class SelfAttentionLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, pre_norm: bool) -> None:
         super().__init__()
@@ -65,12 +72,13 @@ class CrossAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.pre_norm = pre_norm
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, allowed: torch.Tensor | None, pos: torch.Tensor,
-                query_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, allowed: torch.Tensor | None,
+                memory_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """memory_pos = memory + its position embedding (the keys' input)."""
         if self.pre_norm:
             t = self.norm(tgt)
-            return tgt + self.multihead_attn(t + query_pos, memory + pos, memory, allowed)
-        return self.norm(tgt + self.multihead_attn(tgt + query_pos, memory + pos, memory, allowed))
+            return tgt + self.multihead_attn(t + query_pos, memory_pos, memory, allowed)
+        return self.norm(tgt + self.multihead_attn(tgt + query_pos, memory_pos, memory, allowed))
 
 
 class FFNLayer(nn.Module):
@@ -131,47 +139,56 @@ class MaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
 
-    def _heads(self, output: torch.Tensor, mask_features: torch.Tensor,
-               attn_size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _heads(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.decoder_norm(output)
-        logits = self.class_embed(x)
-        emb = self.mask_embed(x)
-        n, c, h, w = mask_features.shape
-        masks = torch.bmm(emb, mask_features.reshape(n, c, h * w)).view(n, -1, h, w)
-        if attn_size is None:
-            return logits, masks, None
-        small = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
+        return self.class_embed(x), self.mask_embed(x)
+
+    @staticmethod
+    def _mask_logits(emb: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """emb (N, Q, C) x features (N, C, H, W) -> (N, Q, H, W), without copying channels_last features."""
+        n, c, h, w = features.shape
+        if features.is_contiguous():
+            flat = features.reshape(n, c, h * w)
+        else:
+            flat = to_tokens(features).transpose(1, 2)
+        return torch.bmm(emb, flat).view(n, -1, h, w)
+
+    @classmethod
+    def _allowed(cls, emb: torch.Tensor, small_features: torch.Tensor) -> torch.Tensor:
         # Mask2Former: a query attends where its own predicted mask is foreground (sigmoid >= 0.5);
         # a query whose mask is empty at this scale attends everywhere.
+        small = cls._mask_logits(emb, small_features)
         allowed = small.sigmoid().flatten(2) >= 0.5
         empty = ~allowed.any(-1, keepdim=True)
-        allowed = (allowed | empty).unsqueeze(1)
-        return logits, masks, allowed
+        return (allowed | empty).unsqueeze(1)
 
     def forward(self, feats: list[torch.Tensor], mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats: 3 maps low->high resolution. Returns (pred_logits (N, Q, C+1), pred_masks (N, Q, H/4, W/4))."""
         if len(feats) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(feats)}")
-        src, pos, sizes = [], [], []
+        src, memory_pos, sizes = [], [], []
         for i, x in enumerate(feats):
             h, w = x.shape[-2:]
             sizes.append((h, w))
-            pos.append(self.pe(h, w, x.device).flatten(2).transpose(1, 2))
-            s = self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]
-            src.append(s.transpose(1, 2))
+            s = to_tokens(self.input_proj[i](x)) + self.level_embed.weight[i].view(1, 1, -1)
+            src.append(s)
+            # keys of the cross-attention at this level: the same for every layer that reads it
+            memory_pos.append(s + self.pe.tokens(h, w, x.device))
+        small_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                          for size in sizes]
         n = src[0].shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(n, -1, -1)
         output = self.query_feat.weight.unsqueeze(0).expand(n, -1, -1)
-        _, _, allowed = self._heads(output, mask_features, sizes[0])
-        logits = masks = None
+        _, emb = self._heads(output)
+        allowed = self._allowed(emb, small_features[0])
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
-            output = self.transformer_cross_attention_layers[i](output, src[lvl], allowed, pos[lvl], query_pos)
+            output = self.transformer_cross_attention_layers[i](output, src[lvl], allowed, memory_pos[lvl],
+                                                                query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
-            last = i == self.num_layers - 1
-            logits, masks, allowed = self._heads(
-                output, mask_features, None if last else sizes[(i + 1) % self.num_feature_levels])
-        if logits is None:
-            logits, masks, _ = self._heads(output, mask_features, None)
-        return logits, masks
+            if i < self.num_layers - 1:
+                _, emb = self._heads(output)
+                allowed = self._allowed(emb, small_features[(i + 1) % self.num_feature_levels])
+        logits, emb = self._heads(output)
+        return logits, self._mask_logits(emb, mask_features)
