@@ -22,6 +22,13 @@ SCORE_TOL = 1e-3
 IOU_MIN = 0.995
 IOU_MIN_SMALL = 0.95
 SMALL_FRACTION = 0.005
+# Contour jitter: fp32 sums taken in another order (thread count, kernels, this CPU's SIMD width) move the
+# upsampled mask logits by ~1e-6, which flips pixels whose logit sits at the threshold: all of them on the mask's
+# one-pixel outline. A thin part (an arm: long outline, small area) can lose IoU 0.995 to that alone (seen here:
+# 53 outline pixels of a 6436-pixel arm, IoU 0.9918, score off by 9e-5). Such a match still counts when EVERY
+# differing pixel lies on the official mask's outline and they are at most this share of it; a real difference
+# (a missing or extra blob, a shifted part) puts pixels off the outline and still fails.
+JITTER_SHARE = 0.10
 
 
 @dataclass
@@ -71,6 +78,31 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel (8-neighbourhood) of the mask's edge, inside or outside."""
+    padded = np.pad(mask, 1)
+    grown = np.zeros_like(mask)
+    shrunk = np.ones_like(mask)
+    h, w = mask.shape
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            window = padded[dy:dy + h, dx:dx + w]
+            grown |= window
+            shrunk &= window
+    return grown & ~shrunk
+
+
+def outline_jitter(official: np.ndarray, native: np.ndarray) -> bool:
+    """True when the masks differ only by outline jitter (see JITTER_SHARE)."""
+    official, native = official.astype(bool), native.astype(bool)
+    differ = official ^ native
+    if not differ.any():
+        return True
+    outline = _outline(official)
+    edge = official & outline
+    return bool(not (differ & ~outline).any() and differ.sum() <= JITTER_SHARE * max(int(edge.sum()), 1))
+
+
 def compare_image(name: str, official: ImageResult, native: ImageResult) -> ImageReport:
     rep = ImageReport(name)
     if official.error:
@@ -97,7 +129,7 @@ def compare_image(name: str, official: ImageResult, native: ImageResult) -> Imag
             frac = float(official.masks[o].sum()) / pixels
             need = IOU_MIN_SMALL if frac < SMALL_FRACTION else IOU_MIN
             ds = abs(native.scores[n] - official.scores[o])
-            ok = value >= need and ds <= SCORE_TOL
+            ok = (value >= need or outline_jitter(official.masks[o], native.masks[n])) and ds <= SCORE_TOL
             rep.matches.append(Match(label, value, official.scores[o], native.scores[n], frac, ok))
             if not ok:
                 rep.problems.append(f"{label}: IoU {value:.5f} (need {need}, area {frac:.4%}), "
