@@ -19,43 +19,28 @@ Run standalone: .venv/bin/python -m benchmarks.bench_server [--repeats 5] [--hit
 from __future__ import annotations
 
 import argparse
-import http.server
-import io
+import contextlib
 import os
 import platform
 import statistics
-import sys
-import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from backend.ls_config import DEFAULT_CLASSES
 from testing.backend_server import start_backend
+from testing.http_servers import serve_folder
+from testing.samples import jpeg_variant
 from testing.redis_server import RedisServer
 from testing.random_model import cached_model, make_sample_image
 
 WIDTH, HEIGHT = 1920, 1080
-CLASSES = ["Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat", "Socks", "Pants", "Torso-skin",
-           "Scarf", "Skirt", "Face", "Left-arm", "Right-arm", "Left-leg", "Right-leg", "Left-shoe", "Right-shoe",
-           "Human"]
+CLASSES = list(DEFAULT_CLASSES[1:])   # every class but Background, Human last
 CONFIG = ('<View><Image name="image" value="$image"/><PolygonLabels name="parts" toName="image">'
           + "".join(f'<Label value="{c}"/>' for c in CLASSES) + "</PolygonLabels></View>")
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def jpeg_variant(image, n: int) -> bytes:
-    """Same pixels, different bytes (the comment), so each variant is a cache miss of identical cost."""
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=92, comment=f"variant {n}".encode())
-    return buf.getvalue()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -90,9 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     (images_dir / "hit.jpg").write_bytes(hit_bytes)
     model_dir = cached_model("shaped")
 
-    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(images_dir)))
-    threading.Thread(target=host.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{host.server_address[1]}"
+    host = contextlib.ExitStack()
+    base = host.enter_context(serve_folder(images_dir))
     redis = RedisServer(work / "redis")
     redis.start()
     out: dict = {"engine": [], "miss": []}
@@ -125,8 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         if backend is not None:
             backend.stop()
         redis.stop()
-        host.shutdown()
-        host.server_close()
+        host.close()
     return out
 
 

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import requests
 
 from testing.ports import free_port
+from testing.processes import stop_process
 
 
 @dataclass
@@ -56,13 +57,7 @@ class GcsServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, grace=10)
 
 
 def start_gcs_server(workdir: Path, timeout: float = 60.0) -> GcsServer:

@@ -13,12 +13,15 @@ assert that a server saw nothing at all.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterator
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
@@ -129,3 +132,22 @@ class LocalServer:
 
 
 __all__ = ["Hit", "LocalServer", "drip", "redirect", "reply"]
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest and benchmark output clean
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(directory: Path) -> Iterator[str]:
+    """A plain static file server for `directory` on a free loopback port (the image host of tests and
+    benchmarks); yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

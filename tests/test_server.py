@@ -5,11 +5,9 @@ rely on the cache between tests; every assertion about inferences compares count
 """
 from __future__ import annotations
 
-import http.server
 import shutil
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
+
+from testing.http_servers import serve_folder
 
 REDIS_DB = 2  # this module flushes it; see testing/redis_server.py
 CLASSES = ["Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat", "Socks", "Pants", "Torso-skin",
@@ -47,11 +47,6 @@ MAPPING_CONFIG = (
     '</View>')
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, sample_images) -> Path:
     folder = tmp_path_factory.mktemp("served-images")
@@ -68,12 +63,8 @@ def images(tmp_path_factory, sample_images) -> Path:
 
 @pytest.fixture(scope="module")
 def image_host(images):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(images)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(images) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
