@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("m2fp.offload")
 
-_ACTIVE = {"queued", "started", "scheduled", "deferred"}
 # Queuing a job costs ~1 ms: up to this many tasks the webhook queues them itself within Label Studio's 1 s; a
 # bigger import (Label Studio sends up to 5000 tasks per event) is handed whole to a worker as one job.
 FANOUT_ABOVE = 200
@@ -60,53 +59,34 @@ def project_id_of(value: Any) -> int | None:
 
 
 @dataclass
-class Enqueued:
+class QueuedTasks:
     queued: list[int] = field(default_factory=list)     # task ids (re)enqueued now
     attached: list[int] = field(default_factory=list)   # task ids whose job was already queued or running
 
 
 def enqueue_project_tasks(queue: Any, run: ProjectRun, tasks: Sequence[ProjectTask], source: str, *,
-                          replace_finished: bool, job_timeout: int, retries: int) -> Enqueued:
-    """One project job per task, its progress record written in the same pipeline. A task whose job is queued
-    or running is attached to it; a finished job is left alone unless `replace_finished` (then re-queued, and
-    the worker re-checks Label Studio before posting); a failed one is always re-queued."""
-    from rq import Retry
-
+                          replace_finished: bool, job_timeout: int, retries: int) -> QueuedTasks:
+    """One project job per task (backend/batch/jobs.enqueue), its progress record written in the same pipeline.
+    A task whose job is queued or running is attached to it; a finished job is left alone unless
+    `replace_finished` (then re-queued, and the worker re-checks Label Studio before posting); a failed one is
+    always re-queued."""
     from backend.batch import jobs, project
 
-    connection = queue.connection
-    ids = {t.id: project.task_job_id(run, t.id) for t in tasks}
-    statuses = jobs._statuses(connection, list(ids.values()))
-    out = Enqueued()
-    prepared = []
-    stale = []
+    task_of: dict[str, int] = {}
+    specs = []
     for task in tasks:
-        job_id = ids[task.id]
-        status = statuses.get(job_id)
-        if status in _ACTIVE or (status == "finished" and not replace_finished):
-            out.attached.append(task.id)
-            continue
-        if status is not None:
-            stale.append(job_id)
-        out.queued.append(task.id)
-        prepared.append(queue.prepare_data(
-            jobs.project_task_job, args=(dataclasses.asdict(task), dataclasses.asdict(run)), timeout=job_timeout,
-            result_ttl=jobs.RESULT_TTL_S, failure_ttl=jobs.RESULT_TTL_S, job_id=job_id,
-            description=f"task {task.id}", retry=Retry(max=retries) if retries > 0 else None))
-    for job_id in stale:
-        # Replaced, not overwritten: an old result must not be read as the new one's.
-        try:
-            jobs.fetch_job(job_id, connection).delete()
-        except Exception:  # noqa: BLE001 - gone meanwhile
-            pass
-    for start in range(0, len(prepared), 500):
-        chunk = prepared[start:start + 500]
-        with connection.pipeline() as pipe:
-            tracking.mark_queued(pipe, run.project_id, run.model_version,
-                                 {task_id: ids[task_id] for task_id in out.queued[start:start + 500]}, source)
-            queue.enqueue_many(chunk, pipeline=pipe)
-            pipe.execute()
-    return out
+        job_id = project.task_job_id(run, task.id)
+        task_of[job_id] = task.id
+        specs.append(jobs.JobSpec(job_id, f"task {task.id}", jobs.project_task_job,
+                                  (dataclasses.asdict(task), dataclasses.asdict(run))))
+
+    def mark(pipe: Any, queued: list) -> None:
+        tracking.mark_queued(pipe, run.project_id, run.model_version, {task_of[s.job_id]: s.job_id for s in queued},
+                             source)
+
+    done = jobs.enqueue(queue, specs, job_timeout, retries, replace_finished=replace_finished, on_enqueue=mark)
+    return QueuedTasks(queued=[task_of[s.job_id] for s in done.queued],
+                    attached=[task_of[s.job_id] for s in done.attached])
 
 
 def fanout_job(tasks: list[dict], run: dict, source: str) -> dict:
@@ -159,7 +139,7 @@ class Offload:
         return ProjectRun(project_id, label_config, self._current().version, self.settings.label_studio_url)
 
     def _enqueue(self, queue: Any, run: ProjectRun, tasks: Sequence[ProjectTask], source: str,
-                 replace_finished: bool) -> Enqueued:
+                 replace_finished: bool) -> QueuedTasks:
         return enqueue_project_tasks(queue, run, tasks, source, replace_finished=replace_finished,
                                      job_timeout=self.settings.batch_job_timeout,
                                      retries=self.settings.batch_retries)
@@ -210,12 +190,12 @@ class Offload:
     def _fanout(self, action: str, run: ProjectRun, tasks: list[ProjectTask]) -> dict:
         from rq import Retry
 
-        from backend.batch.jobs import RESULT_TTL_S, _statuses, stable_job_id
+        from backend.batch.jobs import ACTIVE_STATUSES, RESULT_TTL_S, job_statuses, stable_job_id
 
         ids = ",".join(str(t.id) for t in tasks)
         job_id = stable_job_id("fanout", run.ls_url, run.project_id, run.model_version, run.label_config, ids)
         queue = self.queue()
-        if _statuses(queue.connection, [job_id]).get(job_id) in _ACTIVE | {"finished"}:
+        if job_statuses(queue.connection, [job_id]).get(job_id) in ACTIVE_STATUSES | {"finished"}:
             # The same event again: its tasks are (being) queued already.
             return {"status": "queued", "action": action, "project": run.project_id, "queued": 0,
                     "attached": len(tasks), "fanout_job": job_id}
@@ -271,7 +251,7 @@ class Offload:
 
         run = self._run(project_id, model.plan.label_config)
         job_ids = [project.task_job_id(run, t["id"]) for t in tasks]
-        statuses = jobs._statuses(queue.connection, job_ids)
+        statuses = jobs.job_statuses(queue.connection, job_ids)
         answers: list[Any] = [[] for _ in tasks]
         has_job = [statuses.get(job_id) is not None for job_id in job_ids]
         free = [i for i, queued in enumerate(has_job) if not queued]

@@ -137,7 +137,7 @@ def cmd_folder(args: argparse.Namespace) -> int:
         specs = [jobs.JobSpec(jobs.stable_job_id("img", json.dumps(item.files, sort_keys=True), run_id), item.key,
                               jobs.folder_image_job, (dataclasses.asdict(item), options.to_dict()))
                  for item in items]
-        job_ids = jobs.enqueue(queue, specs, args.job_timeout, args.retries)
+        job_ids = jobs.enqueue(queue, specs, args.job_timeout, args.retries).keys
         log.info("enqueued %d images on queue %r; waiting for workers", len(job_ids), queue.name)
         try:
             jobs.wait(queue, job_ids, progress, on_result=collect)
@@ -225,7 +225,7 @@ def cmd_project(args: argparse.Namespace) -> int:
         queue = _queue(args)
         specs = [jobs.JobSpec(project.task_job_id(run, t.id), f"task {t.id}", jobs.project_task_job,
                               (dataclasses.asdict(t), dataclasses.asdict(run))) for t in pending]
-        job_ids = jobs.enqueue(queue, specs, args.job_timeout, args.retries)
+        job_ids = jobs.enqueue(queue, specs, args.job_timeout, args.retries).keys
         _track_queued(queue, run, pending)
         log.info("enqueued %d tasks on queue %r; waiting for workers", len(job_ids), queue.name)
         try:

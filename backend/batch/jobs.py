@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -124,20 +124,36 @@ def stable_job_id(kind: str, *parts: object) -> str:
     return f"m2fp-{kind}-{digest}"
 
 
-def enqueue(queue: Any, specs: Iterable[JobSpec], job_timeout: int, retries: int) -> dict[str, str]:
-    """Enqueue every spec not already queued or running; returns {job_id: key} for all of them."""
+@dataclass
+class Enqueued:
+    """What `enqueue` did with each spec."""
+
+    queued: list[JobSpec] = field(default_factory=list)      # (re)enqueued now
+    attached: list[JobSpec] = field(default_factory=list)    # left to the job already there
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """{job_id: key} of every spec, what `wait` follows."""
+        return {s.job_id: s.key for s in (*self.queued, *self.attached)}
+
+
+def enqueue(queue: Any, specs: Iterable[JobSpec], job_timeout: int, retries: int, *, replace_finished: bool = True,
+            on_enqueue: Callable[[Any, list[JobSpec]], None] | None = None) -> Enqueued:
+    """Enqueue every spec whose job is not already queued or running (nor finished, unless `replace_finished`);
+    a failed job is always re-queued. `on_enqueue(pipeline, specs)` adds its own writes to the pipeline that
+    enqueues those specs (progress records land with their jobs)."""
     from rq import Retry
     from rq.exceptions import NoSuchJobError
 
     specs = list(specs)
     connection = queue.connection
-    statuses = _statuses(connection, [s.job_id for s in specs])
-    to_enqueue = []
-    attached = 0
+    statuses = job_statuses(connection, [s.job_id for s in specs])
+    out = Enqueued()
+    prepared = []
     for spec in specs:
         status = statuses.get(spec.job_id)
-        if status in ACTIVE_STATUSES:
-            attached += 1
+        if status in ACTIVE_STATUSES or (status == "finished" and not replace_finished):
+            out.attached.append(spec)
             continue
         if status is not None:
             # A finished or failed job of an earlier run: replace it so its old result cannot be read as new.
@@ -145,20 +161,23 @@ def enqueue(queue: Any, specs: Iterable[JobSpec], job_timeout: int, retries: int
                 fetch_job(spec.job_id, connection).delete()
             except NoSuchJobError:
                 pass
-        to_enqueue.append(queue.prepare_data(
+        out.queued.append(spec)
+        prepared.append(queue.prepare_data(
             spec.func, args=spec.args, timeout=job_timeout, result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S,
             job_id=spec.job_id, description=spec.key, retry=Retry(max=retries) if retries > 0 else None,
         ))
-    for start in range(0, len(to_enqueue), 500):
+    for start in range(0, len(prepared), 500):
         with connection.pipeline() as pipe:
-            queue.enqueue_many(to_enqueue[start:start + 500], pipeline=pipe)
+            if on_enqueue is not None:
+                on_enqueue(pipe, out.queued[start:start + 500])
+            queue.enqueue_many(prepared[start:start + 500], pipeline=pipe)
             pipe.execute()
-    if attached:
-        log.info("%d jobs were still queued or running from an earlier run: following them", attached)
-    return {s.job_id: s.key for s in specs}
+    if out.attached:
+        log.info("%d jobs were still queued or running: following them", len(out.attached))
+    return out
 
 
-def _statuses(connection: Any, job_ids: list[str]) -> dict[str, str | None]:
+def job_statuses(connection: Any, job_ids: list[str]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for start in range(0, len(job_ids), 1000):
         chunk = job_ids[start:start + 1000]
@@ -231,7 +250,7 @@ def wait(queue: Any, jobs: dict[str, str], progress: Progress, on_result: Callab
             if not warned_no_worker and now - start > 10 and Worker.count(queue=queue) == 0:
                 log.warning("no worker listens on queue %r: start some with `m2fp-prelabel worker`", queue.name)
                 warned_no_worker = True
-        statuses = _statuses(queue.connection, list(pending))
+        statuses = job_statuses(queue.connection, list(pending))
         results = []
         for job_id, status in statuses.items():
             if status in ACTIVE_STATUSES:

@@ -236,7 +236,7 @@ def reconcile(connection: Any, records: dict[int, TaskRecord]) -> dict[int, Task
     open_records = {t: r for t, r in records.items() if r.state not in FINAL_STATES and r.job_id}
     if not open_records:
         return records
-    statuses = jobs._statuses(connection, sorted({r.job_id for r in open_records.values()}))
+    statuses = jobs.job_statuses(connection, sorted({r.job_id for r in open_records.values()}))
     out = dict(records)
     for task_id, record in open_records.items():
         job_status = statuses.get(record.job_id)
